@@ -1,0 +1,3 @@
+from ds_distil.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""The ``ds-distil`` command: one subcommand per workflow.
+
+Each subcommand lives in its own module, which provides ``add_arguments(parser)`` and
+``run(args) -> int`` and imports torch & co. only inside ``run``, so that ``--help``
+and argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ds_distil import __version__
+from ds_distil.errors import UserError
+
+# (name, module, one-line help). A subcommand is listed here once it really works.
+SUBCOMMANDS = [
+    ("init-student", "ds_distil.surgery", "build a half-depth student from a teacher (HF directory)"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ds-distil",
+        description="Knowledge distillation of BERT-style models on DeepSpeed (the DistilBERT recipe).",
+    )
+    parser.add_argument("--version", action="version", version=f"ds-distil {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name, help_text in SUBCOMMANDS:
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._module.run(args) or 0)
+    except UserError as err:
+        for problem in err.problems:
+            print(f"ds-distil {args.command}: error: {problem}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ds-distil {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny teachers, tokenizers and corpora built locally (nothing downloaded)."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+# Keep every test on the CPU accelerator and off any hub.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+_WORDS = ("the a of to and in is that for it as with was on be by this are from or an at which "
+          "model layer student teacher token loss batch rank node gradient weight data mask "
+          "train learn distil small fast large deep network word text sentence language vector "
+          "attention head hidden embedding position value query key output input sequence step").split()
+
+
+def make_corpus_lines(n_lines: int, seed: int = 0, min_words: int = 4, max_words: int = 60) -> list[str]:
+    """Deterministic pseudo-English lines with a Zipf-ish word distribution."""
+    rng = random.Random(seed)
+    weights = [1.0 / (i + 1) for i in range(len(_WORDS))]
+    lines = []
+    for _ in range(n_lines):
+        n = rng.randint(min_words, max_words)
+        lines.append(" ".join(rng.choices(_WORDS, weights=weights, k=n)) + ".")
+    return lines
+
+
+@pytest.fixture(scope="session")
+def corpus_lines() -> list[str]:
+    return make_corpus_lines(400)
+
+
+@pytest.fixture(scope="session")
+def bert_tokenizer_dir(tmp_path_factory, corpus_lines) -> Path:
+    from ds_distil.scratch import train_wordpiece_tokenizer
+
+    out = tmp_path_factory.mktemp("bert_tokenizer")
+    train_wordpiece_tokenizer(corpus_lines, vocab_size=160, output_dir=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bert_teacher_dir(tmp_path_factory, bert_tokenizer_dir) -> Path:
+    """A 4-layer, 32-wide BertForMaskedLM with its WordPiece tokenizer."""
+    from transformers import AutoTokenizer
+
+    from ds_distil.scratch import new_bert_teacher
+
+    out = tmp_path_factory.mktemp("bert_teacher")
+    tokenizer = AutoTokenizer.from_pretrained(str(bert_tokenizer_dir))
+    new_bert_teacher(tokenizer, num_layers=4, hidden_size=32, num_heads=2, intermediate_size=64,
+                     max_position=128, seed=1, output_dir=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def roberta_teacher_dir(tmp_path_factory, corpus_lines) -> Path:
+    """A 4-layer, 32-wide RobertaForMaskedLM with a byte-level BPE tokenizer."""
+    from ds_distil.scratch import new_roberta_teacher, train_bpe_tokenizer
+
+    out = tmp_path_factory.mktemp("roberta_teacher")
+    tokenizer = train_bpe_tokenizer(corpus_lines, vocab_size=300, output_dir=out)
+    new_roberta_teacher(tokenizer, num_layers=4, hidden_size=32, num_heads=2, intermediate_size=64,
+                        max_position=128, seed=2, output_dir=out)
+    return out
