@@ -17,6 +17,10 @@ from ds_distil.errors import UserError
 # (name, module, one-line help). A subcommand is listed here once it really works.
 SUBCOMMANDS = [
     ("init-student", "ds_distil.surgery", "build a half-depth student from a teacher (HF directory)"),
+    ("prepare", "ds_distil.data", "tokenise a corpus into a memory-mapped dataset with a held-out split"),
+    ("train", "ds_distil.trainer", "distil (or MLM-pretrain) with DeepSpeed; resumes automatically"),
+    ("export", "ds_distil.checkpoint", "write a checkpoint's student as a Hugging Face model (fp32, safetensors)"),
+    ("demo", "ds_distil.demo", "the end-to-end demo: teacher, distilled student, baseline, summary"),
 ]
 
 
@@ -26,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Knowledge distillation of BERT-style models on DeepSpeed (the DistilBERT recipe).",
     )
     parser.add_argument("--version", action="version", version=f"ds-distil {__version__}")
+    # `deepspeed ... ds-distil train ...` inserts --local_rank=N right after the script;
+    # the rank comes from LOCAL_RANK in the environment, so the flag is only accepted.
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name, help_text in SUBCOMMANDS:
         module = importlib.import_module(module_name)

@@ -70,3 +70,41 @@ def roberta_teacher_dir(tmp_path_factory, corpus_lines) -> Path:
     new_roberta_teacher(tokenizer, num_layers=4, hidden_size=32, num_heads=2, intermediate_size=64,
                         max_position=128, seed=2, output_dir=out)
     return out
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    """A text corpus of ~1,500 lines (one sequence per line) for training runs."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(make_corpus_lines(1500, seed=7, min_words=10, max_words=40)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory, bert_teacher_dir, corpus_file) -> Path:
+    """The corpus prepared with the tiny BERT teacher's tokenizer (max length 64)."""
+    from ds_distil.data import prepare_corpus
+
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    prepare_corpus(str(bert_teacher_dir), [str(corpus_file)], str(out), max_seq_len=64,
+                   validation_fraction=0.05, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def student_dir(tmp_path_factory, bert_teacher_dir) -> Path:
+    """A 2-layer DistilBERT student built from the tiny BERT teacher."""
+    from ds_distil.surgery import build_student
+
+    out = tmp_path_factory.mktemp("student") / "student"
+    build_student(str(bert_teacher_dir), str(out), num_layers=2)
+    return out
+
+
+def child_env(**extra) -> dict:
+    """Environment for ds-distil child processes: CPU accelerator, loopback, one thread each."""
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env

@@ -1,0 +1,165 @@
+"""The trainer for real: child processes running `ds-distil train` on tiny models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import child_env
+from runs import losses_by_step, metrics, train, write_ds_config, write_run_config
+
+EXPECTED_TAGS = {"Train/loss", "Train/loss_ce", "Train/loss_mlm", "Train/loss_cos", "Train/lr", "Train/grad_norm",
+                 "Train/tokens_per_s", "Train/sequences_per_s", "Train/teacher_share", "Train/peak_mem_gib",
+                 "Train/skipped_steps", "Eval/mlm_accuracy", "Eval/perplexity"}
+
+
+@pytest.fixture()
+def distil_config(tmp_path, student_dir, bert_teacher_dir, prepared_dir):
+    def make(name="run", steps=10, precision="fp32", zero_stage=0, ranks=1, global_batch=8, micro_batch=None,
+             total_steps="auto", **kw):
+        ds = write_ds_config(tmp_path / f"{name}_ds.json", precision=precision, zero_stage=zero_stage,
+                             global_batch=global_batch, micro_batch=micro_batch or global_batch // ranks,
+                             total_steps=total_steps, warmup_steps=2 if total_steps != "auto" else "auto")
+        return write_run_config(tmp_path / f"{name}.json", student=student_dir, teacher=bert_teacher_dir,
+                                data=prepared_dir, ds_config=ds, output_dir=tmp_path / name, steps=steps, **kw)
+    return make
+
+
+def test_distillation_loss_falls_and_every_term_is_logged(distil_config, tmp_path):
+    cfg = distil_config(steps=30, precision="bf16", log_interval=5)
+    result = train(cfg)
+    rows = metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
+    assert rows[-1]["loss"] < 0.8 * rows[0]["loss"], [r["loss"] for r in rows]
+    for r in rows:
+        assert set(r) >= {"loss_ce", "loss_mlm", "loss_cos", "lr", "tokens_per_s", "teacher_share"}
+        assert r["loss"] == pytest.approx(5 * r["loss_ce"] + 2 * r["loss_mlm"] + 1 * r["loss_cos"], rel=1e-6)
+        assert 0 < r["teacher_share"] < 1
+    assert "batch: 8 sequences/micro-batch x 1 accumulation x 1 ranks = 8 sequences/step" in result.stdout
+    # The resolved configs are written with the run and into the checkpoint.
+    out = tmp_path / "run"
+    assert json.loads((out / "run_config.json").read_text())["loss"]["alpha_ce"] == 5.0
+    ds = json.loads((out / "ds_config.json").read_text())
+    assert ds["scheduler"]["params"]["total_num_steps"] == 30
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 2  # ceil(5% of 30)
+    state = json.loads((out / "checkpoints" / "global_step30" / "ds_distil_state.json").read_text())
+    assert state["run_config"]["train"]["max_steps"] == 30 and state["ds_config"]["zero_optimization"]["stage"] == 0
+    # TensorBoard events hold every expected tag (read back with tensorboard's reader).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    event_dirs = [p.parent for p in (out / "tensorboard").rglob("events.out.tfevents.*")]
+    assert event_dirs, "no TensorBoard event file written"
+    tags = set()
+    for d in event_dirs:
+        acc = EventAccumulator(str(d))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert EXPECTED_TAGS <= tags, EXPECTED_TAGS - tags
+
+
+def test_resume_continues_exactly(distil_config, tmp_path):
+    # The schedule's length is fixed in the DeepSpeed JSON so both runs share it.
+    full = distil_config("full", steps=8, total_steps=8)
+    train(full)
+    part = distil_config("part", steps=4, total_steps=8)
+    train(part)  # saves a checkpoint at its last step
+    resumed = train(part, "train.max_steps=8")
+    assert "resumed from" in resumed.stdout
+    expected, got = losses_by_step(tmp_path / "full"), losses_by_step(tmp_path / "part")
+    assert sorted(got) == list(range(1, 9))
+    assert [got[s] for s in range(1, 9)] == [expected[s] for s in range(1, 9)]  # identical in fp32
+
+
+def test_export_round_trip_equals_the_engine(distil_config, tmp_path, prepared_dir):
+    cfg = distil_config("exp", steps=3, zero_stage=2)
+    train(cfg)
+    out = tmp_path / "exported"
+    subprocess.run([sys.executable, "-m", "ds_distil", "export", "--checkpoint", str(tmp_path / "exp"),
+                    "--output", str(out)], check=True, env=child_env(), capture_output=True)
+    # The engine's logits: rebuild the engine from the checkpoint in a fresh process.
+    probe = tmp_path / "engine_logits.py"
+    probe.write_text(ENGINE_LOGITS_SCRIPT)
+    logits_file = tmp_path / "engine_logits.pt"
+    subprocess.run([sys.executable, str(probe), str(cfg), str(logits_file)], check=True, env=child_env(),
+                   capture_output=True)
+    engine_logits = torch.load(logits_file)
+    # The exported model, loaded by transformers alone.
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        exported = model(input_ids=INPUT_IDS, attention_mask=torch.ones_like(INPUT_IDS)).logits
+    torch.testing.assert_close(exported, engine_logits, rtol=0, atol=0)
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+INPUT_IDS = torch.tensor([[2, 10, 11, 12, 13, 14, 3]])
+ENGINE_LOGITS_SCRIPT = f"""
+import sys, torch
+from ds_distil.config import load_run_config
+from ds_distil.distributed import setup_distributed, teardown_distributed
+from ds_distil.trainer import Trainer
+cfg = load_run_config(sys.argv[1])
+trainer = Trainer(cfg, setup_distributed())
+assert trainer.resume_tag == "global_step3", trainer.resume_tag
+ids = torch.tensor({INPUT_IDS.tolist()})
+trainer.engine.eval()
+with torch.no_grad():
+    logits = trainer.engine.module.student(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+torch.save(logits.float(), sys.argv[2])
+teardown_distributed()
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_deepspeed_launcher_two_ranks_matches_one_rank(distil_config, tmp_path, zero_stage):
+    """Data-parallel equivalence: 1 rank x micro 8 == 2 ranks x micro 4 == 1 rank x 4 x 2 accumulation."""
+    one = distil_config(f"one{zero_stage}", steps=4, zero_stage=zero_stage, global_batch=8)
+    two = distil_config(f"two{zero_stage}", steps=4, zero_stage=zero_stage, global_batch=8, ranks=2)
+    train(one)
+    result = train(two, ranks=2)
+    assert "x 2 ranks = 8 sequences/step" in result.stdout
+    a, b = losses_by_step(tmp_path / f"one{zero_stage}"), losses_by_step(tmp_path / f"two{zero_stage}")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a, b)
+    if zero_stage == 0:
+        accum = distil_config("accum", steps=4, global_batch=8, micro_batch=4)
+        train(accum)
+        c = losses_by_step(tmp_path / "accum")
+        for step in a:
+            assert c[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6)
+
+
+def test_plain_mlm_pretraining_without_teacher(tmp_path, bert_teacher_dir, prepared_dir):
+    ds = write_ds_config(tmp_path / "ds.json")
+    cfg = write_run_config(tmp_path / "mlm.json", student=bert_teacher_dir, data=prepared_dir, ds_config=ds,
+                           output_dir=tmp_path / "mlm", steps=4)
+    train(cfg)
+    rows = metrics(tmp_path / "mlm")
+    assert all("loss_ce" not in r and "loss_cos" not in r for r in rows)
+    assert rows[-1]["loss"] == pytest.approx(rows[-1]["loss_mlm"])
+    assert metrics(tmp_path / "mlm", "Eval")[-1]["targets"] > 0
+
+
+def test_config_errors_are_reported_together_without_traceback(tmp_path, student_dir, prepared_dir):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"student": str(student_dir), "data": str(prepared_dir),
+                               "deepspeed_config": str(tmp_path / "missing_ds.json"), "output_dir": str(tmp_path / "o"),
+                               "loss": {"alpha_cee": 1.0, "temperature": 0},
+                               "masking": {"mask_fraction": 0.5}}))
+    result = subprocess.run([sys.executable, "-m", "ds_distil", "train", "--config", str(bad)],
+                            capture_output=True, text=True, env=child_env())
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    err = result.stderr
+    assert "loss.alpha_cee: unknown key (did you mean loss.alpha_ce?)" in err
+    assert "loss.temperature: 0.0 must be > 0" in err
+    assert "mask_fraction + random_fraction + keep_fraction = 0.7" in err
+    assert "deepspeed_config:" in err and "does not exist" in err
+    assert all(line.startswith(f"ds-distil train: error: {bad}: ") for line in err.strip().splitlines())
