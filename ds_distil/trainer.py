@@ -104,8 +104,7 @@ class Trainer:
         self.device = _device(dist_info.local_rank)
         self.compute_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
         self.teacher = self._load_teacher()
-        self.need_ce = self.teacher is not None and cfg.loss.alpha_ce > 0
-        self.need_cos = self.teacher is not None and cfg.loss.alpha_cos > 0
+        self.need_ce, self.need_cos = needed_terms(self.teacher, cfg.loss)
         self.resume_tag, resume_state = self._find_resume(checkpoint)
         self.engine = self._build_engine(resume_state)
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
@@ -114,9 +113,11 @@ class Trainer:
         elif cfg.train.seed is not None:
             torch.manual_seed(cfg.train.seed + dist_info.rank)
 
-        from ds_distil.metrics import MetricsWriter, Stopwatch
+        from ds_distil.metrics import MetricsWriter
 
-        self.teacher_time = Stopwatch(self.device)
+        self.step_fn = DistillStep(self.engine, self.teacher, self.cfg.loss, self.device, self.dist.world_size,
+                                   self.batch["global_batch"])
+        self.teacher_time = self.step_fn.teacher_time
         self.writer = MetricsWriter(self.out, self.engine.monitor, enabled=self.is_main, echo=self._echo)
         self._write_resolved_config()
 
@@ -237,7 +238,7 @@ class Trainer:
         progress = self._progress_bar()
         while self.step < self.max_steps:
             micro_batches = next(batches)
-            self.train_step(micro_batches, totals)
+            self.step_fn(micro_batches, totals)
             self.step += 1
             progress.update(1)
             if self.step % self.cfg.train.log_interval == 0 or self.step == self.max_steps:
@@ -258,65 +259,6 @@ class Trainer:
             self.evaluate()
         self.writer.close()
         return 0
-
-    def train_step(self, micro_batches, totals: StepTotals) -> None:
-        """One optimizer step over this rank's micro-batches of the global batch."""
-        import torch
-
-        from ds_distil.distributed import all_reduce_sum
-        from ds_distil.losses import LossWeights, weighted_total
-
-        prepared = [self._prepare(mb) for mb in micro_batches]
-        # Token counts of the global batch: every term is normalised by them, not by
-        # per-rank means, so gradients do not depend on how the batch is split.
-        counts = all_reduce_sum(torch.stack([p["counts"] for p in prepared]).sum(0))
-        counts_dev = counts.to(self.device, non_blocking=True)
-        weights = LossWeights(self.cfg.loss.alpha_ce, self.cfg.loss.alpha_mlm, self.cfg.loss.alpha_cos,
-                              self.cfg.loss.temperature)
-        for p in prepared:
-            teacher_hidden, teacher_logits = self._teacher_outputs(p)
-            sums = self.engine(p["input_ids"], p["attention_mask"], p["rows"], p["row_targets"],
-                               teacher_hidden, teacher_logits)
-            loss = weighted_total(sums, {"ce": counts_dev[0], "mlm": counts_dev[1], "cos": counts_dev[2]}, weights)
-            # DeepSpeed averages gradients over data-parallel ranks and (by default) divides
-            # by the accumulation steps; our loss is already a global-batch mean.
-            self.engine.backward(loss * self.dist.world_size, scale_wrt_gas=False)
-            self.engine.step()
-            zero = loss.new_zeros((), dtype=torch.float32)
-            totals.sums += torch.stack([sums.get("ce", zero).detach().float(), sums["mlm"].detach().float(),
-                                        sums.get("cos", zero).detach().float(), sums["mlm_hits"].float()])
-        totals.counts += counts
-        totals.steps += 1
-        totals.tokens += int(counts[2])
-        totals.sequences += self.batch["global_batch"]
-
-    def _prepare(self, batch: dict) -> dict:
-        """Rows each head loss needs and the token counts, computed on the CPU (no device sync)."""
-        import torch
-
-        labels, mask = batch["labels"], batch["attention_mask"]
-        targets = labels != -100
-        select = mask.bool() if (self.need_ce and self.cfg.loss.ce_positions == "all") else targets
-        rows = select.flatten().nonzero().squeeze(1)
-        counts = torch.tensor([int(select.sum()) if self.need_ce else 0, int(targets.sum()), int(mask.sum())],
-                              dtype=torch.float64)
-        to = dict(device=self.device, non_blocking=True)
-        return {"input_ids": batch["input_ids"].to(**to), "attention_mask": mask.to(**to),
-                "rows": rows.to(**to), "row_targets": labels.flatten()[rows].to(**to), "counts": counts}
-
-    def _teacher_outputs(self, p: dict):
-        import torch
-
-        from ds_distil.modeling import encode, project
-
-        if self.teacher is None:
-            return None, None
-        with self.teacher_time, torch.inference_mode():
-            hidden = encode(self.teacher, p["input_ids"], p["attention_mask"])
-            logits = project(self.teacher, hidden.reshape(-1, hidden.shape[-1]).index_select(0, p["rows"])) \
-                if self.need_ce else None
-        # Inference tensors cannot be saved for backward: hand the losses normal copies.
-        return (hidden.clone() if self.need_cos else None), (logits.clone() if logits is not None else None)
 
     # ------------------------------------------------------------------ data
 
@@ -437,6 +379,89 @@ class Trainer:
         if flag.item() > 0:
             return self.stop_signal or "SIGUSR1/SIGTERM (another rank)"
         return None
+
+
+def needed_terms(teacher, loss_cfg) -> tuple[bool, bool]:
+    """Whether L_ce and L_cos are computed (they need a teacher and a weight above 0)."""
+    return teacher is not None and loss_cfg.alpha_ce > 0, teacher is not None and loss_cfg.alpha_cos > 0
+
+
+class DistillStep:
+    """One optimizer step: teacher forward, student forward/backward through the engine.
+
+    Shared by the trainer and ``ds-distil bench``, so the benchmark measures exactly the
+    step that training runs.
+    """
+
+    def __init__(self, engine, teacher, loss_cfg, device, world_size: int, global_batch: int):
+        from ds_distil.losses import LossWeights
+        from ds_distil.metrics import Stopwatch
+
+        self.engine, self.teacher, self.device = engine, teacher, device
+        self.world_size, self.global_batch = world_size, global_batch
+        self.ce_positions = loss_cfg.ce_positions
+        self.need_ce, self.need_cos = needed_terms(teacher, loss_cfg)
+        self.weights = LossWeights(loss_cfg.alpha_ce, loss_cfg.alpha_mlm, loss_cfg.alpha_cos, loss_cfg.temperature)
+        self.teacher_time = Stopwatch(device)
+
+    def __call__(self, micro_batches, totals: StepTotals) -> None:
+        """One optimizer step over this rank's micro-batches of the global batch."""
+        import torch
+
+        from ds_distil.distributed import all_reduce_sum
+        from ds_distil.losses import weighted_total
+
+        prepared = [self.prepare(mb) for mb in micro_batches]
+        # Token counts of the global batch: every term is normalised by them, not by
+        # per-rank means, so gradients do not depend on how the batch is split.
+        counts = all_reduce_sum(torch.stack([p["counts"] for p in prepared]).sum(0))
+        counts_dev = counts.to(self.device, non_blocking=True)
+        global_counts = {"ce": counts_dev[0], "mlm": counts_dev[1], "cos": counts_dev[2]}
+        for p in prepared:
+            teacher_hidden, teacher_logits = self.teacher_outputs(p)
+            sums = self.engine(p["input_ids"], p["attention_mask"], p["rows"], p["row_targets"],
+                               teacher_hidden, teacher_logits)
+            loss = weighted_total(sums, global_counts, self.weights)
+            # DeepSpeed averages gradients over data-parallel ranks and (by default) divides
+            # by the accumulation steps; our loss is already a global-batch mean.
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            self.engine.step()
+            zero = loss.new_zeros((), dtype=torch.float32)
+            totals.sums += torch.stack([sums.get("ce", zero).detach().float(), sums["mlm"].detach().float(),
+                                        sums.get("cos", zero).detach().float(), sums["mlm_hits"].float()])
+        totals.counts += counts
+        totals.steps += 1
+        totals.tokens += int(counts[2])
+        totals.sequences += self.global_batch
+
+    def prepare(self, batch: dict) -> dict:
+        """Rows each head loss needs and the token counts, computed on the CPU (no device sync)."""
+        import torch
+
+        labels, mask = batch["labels"], batch["attention_mask"]
+        targets = labels != -100
+        select = mask.bool() if (self.need_ce and self.ce_positions == "all") else targets
+        rows = select.flatten().nonzero().squeeze(1)
+        counts = torch.tensor([int(select.sum()) if self.need_ce else 0, int(targets.sum()), int(mask.sum())],
+                              dtype=torch.float64)
+        to = dict(device=self.device, non_blocking=True)
+        return {"input_ids": batch["input_ids"].to(**to), "attention_mask": mask.to(**to),
+                "rows": rows.to(**to), "row_targets": labels.flatten()[rows].to(**to), "counts": counts}
+
+    def teacher_outputs(self, p: dict):
+        """The teacher's last hidden states and its logits at the loss rows, under inference mode."""
+        import torch
+
+        from ds_distil.modeling import encode, project
+
+        if self.teacher is None:
+            return None, None
+        with self.teacher_time, torch.inference_mode():
+            hidden = encode(self.teacher, p["input_ids"], p["attention_mask"])
+            logits = project(self.teacher, hidden.reshape(-1, hidden.shape[-1]).index_select(0, p["rows"])) \
+                if self.need_ce else None
+        # Inference tensors cannot be saved for backward: hand the losses normal copies.
+        return (hidden.clone() if self.need_cos else None), (logits.clone() if logits is not None else None)
 
 
 def _device(local_rank: int):
