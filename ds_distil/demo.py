@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import hashlib
 import json
 import os
@@ -219,7 +220,7 @@ def _train(env: dict, ranks: int, config_path: Path) -> None:
 def _write_ds_config(path: Path, global_batch: int) -> None:
     from ds_distil.ds_config import load_ds_config
 
-    shipped = Path(__file__).resolve().parent.parent / "ds_configs" / "cpu_bf16_zero1.json"
+    shipped = Path(__file__).resolve().parent.parent / "ds_configs" / "cpu_bf16.json"
     cfg = load_ds_config(shipped)
     cfg["train_batch_size"] = global_batch
     cfg["train_micro_batch_size_per_gpu"] = global_batch // 2 if global_batch % 2 == 0 else global_batch
@@ -274,8 +275,8 @@ def evaluate_models(work: Path, data_dir: Path, models: dict) -> dict:
 
     prepared = load_prepared(data_dir)
     tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
-    collator = MaskingCollator.from_tokenizer(tokenizer, prepared, MaskingConfig(), seed=0)
-    batches = list(make_eval_loader(prepared.validation, collator, 64, 1, 0, max_batches=0))
+    collator = MaskingCollator.from_prepared(prepared, tokenizer, seed=0, **dataclasses.asdict(MaskingConfig()))
+    batches = list(make_eval_loader(prepared.validation, collator, 64, num_workers=0))
     results = {}
     for name, path in models.items():
         model = AutoModelForMaskedLM.from_pretrained(path).eval()

@@ -13,6 +13,8 @@ Host syncs happen only on log steps (and the checks of the reliability guards).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import math
 import signal
@@ -87,17 +89,18 @@ class Trainer:
         # -- DeepSpeed config and the batch arithmetic, derived once and printed.
         self.ds_cfg = ds_config.load_ds_config(cfg.deepspeed_config)
         self.batch = ds_config.batch_arithmetic(self.ds_cfg, dist_info.world_size, source=cfg.deepspeed_config)
-        self.precision = ds_config.precision(self.ds_cfg)
-        ds_config.check_device_supports(self.ds_cfg, cfg.deepspeed_config)
+        ds_config.validate_with_deepspeed(self.ds_cfg, dist_info.world_size, source=cfg.deepspeed_config)
+        self.precision = ds_config.check_precision_supported(self.ds_cfg, cfg.deepspeed_config)
 
         # -- Data: memory-mapped Arrow shared by all ranks; masks depend on (seed, epoch, index).
         self.data = data.load_prepared(cfg.data)
         self.tokenizer = _load_tokenizer(cfg.student)
         data.check_tokenizer_matches(self.data.meta, self.tokenizer, cfg.data)
-        self.sampler = GlobalBatchSampler(self.data.train["length"], self.batch["global_batch"],
+        self.sampler = GlobalBatchSampler(self.data.lengths("train"), self.batch["global_batch"],
                                           self.batch["micro_batch"], dist_info.world_size, dist_info.rank,
                                           seed=cfg.train.seed)
-        self.collator = MaskingCollator.from_tokenizer(self.tokenizer, self.data, cfg.masking, seed=cfg.train.seed)
+        self.collator = MaskingCollator.from_prepared(self.data, self.tokenizer, seed=cfg.train.seed,
+                                                      **dataclasses.asdict(cfg.masking))
         self.max_steps = cfg.train.max_steps or max(1, math.floor((cfg.train.epochs or 3) * self.sampler.steps_per_epoch))
 
         # -- Models: the student inside the engine, the teacher frozen beside it.
@@ -177,9 +180,11 @@ class Trainer:
 
         student = load_masked_lm(self.cfg.student)
         model = StudentObjective(student, self.cfg.loss.temperature)
-        resolved = ds_config.resolve_for_run(self.ds_cfg, max_steps=self.max_steps,
-                                             warmup_fraction=self.cfg.train.warmup_fraction,
-                                             tensorboard_dir=self.out / "tensorboard")
+        # Every loss term and the throughput go to TensorBoard unless the JSON turns it off.
+        with_monitor = {"tensorboard": {"enabled": True}, **self.ds_cfg}
+        resolved = ds_config.resolve_run_values(with_monitor, total_steps=self.max_steps, output_dir=self.out,
+                                                job_name="train", warmup_fraction=self.cfg.train.warmup_fraction,
+                                                source=self.cfg.deepspeed_config)
         zero_stage = resolved.get("zero_optimization", {}).get("stage", 0)
         if resume_state and resume_state["world_size"] != self.dist.world_size and zero_stage > 0:
             # A ZeRO checkpoint only loads at the data-parallel size that wrote it; the
@@ -323,7 +328,9 @@ class Trainer:
         self.engine.eval()
         sums = torch.zeros(3, dtype=torch.float64)
         loader = make_eval_loader(self.data.validation, self.collator, self.batch["micro_batch"],
-                                  self.dist.world_size, self.dist.rank, max_batches=self.cfg.train.eval_max_batches)
+                                  self.dist.world_size, self.dist.rank, num_workers=0)
+        if self.cfg.train.eval_max_batches:
+            loader = itertools.islice(loader, self.cfg.train.eval_max_batches)
         with torch.no_grad():
             for batch in loader:
                 labels = batch["labels"]

