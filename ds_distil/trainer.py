@@ -20,6 +20,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,8 @@ def train(cfg: RunConfig) -> int:
     """Run (or resume) training; returns the process exit status."""
     from ds_distil.distributed import setup_distributed, teardown_distributed
 
+    # DeepSpeed 0.19 calls torch collectives that torch 2.13 flags as deprecated, every step.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     dist_info = setup_distributed(cfg.train.collective_timeout_s)
     try:
         trainer = Trainer(cfg, dist_info)
@@ -334,7 +337,7 @@ class Trainer:
         with torch.no_grad():
             for batch in loader:
                 labels = batch["labels"]
-                rows = (labels != -100).flatten().nonzero().squeeze(1)
+                rows = batch["target_positions"]  # flat indices of the MLM targets, from the loader
                 out = self.engine(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
                                   rows.to(self.device), labels.flatten()[rows].to(self.device))
                 sums += torch.tensor([float(out["mlm"]), float(out["mlm_hits"]), len(rows)], dtype=torch.float64)
@@ -357,8 +360,10 @@ class Trainer:
     def _progress_bar(self):
         from tqdm import tqdm
 
+        # A bar only on a terminal: in batch logs it would interleave with the log lines.
+        show = self.is_main and self.cfg.train.progress_bar and sys.stderr.isatty()
         return tqdm(total=self.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                    disable=not (self.is_main and self.cfg.train.progress_bar), file=sys.stderr)
+                    disable=not show, file=sys.stderr)
 
     def _echo(self, message: str) -> None:
         if self.is_main:

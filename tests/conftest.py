@@ -85,9 +85,10 @@ def prepared_dir(tmp_path_factory, bert_teacher_dir, corpus_file) -> Path:
     """The corpus prepared with the tiny BERT teacher's tokenizer (max length 64)."""
     from ds_distil.data import prepare_corpus
 
-    out = tmp_path_factory.mktemp("prepared") / "data"
+    base = tmp_path_factory.mktemp("prepared")
+    out = base / "data"
     prepare_corpus(str(bert_teacher_dir), [str(corpus_file)], str(out), max_seq_len=64,
-                   validation_fraction=0.05, seed=0)
+                   validation_fraction=0.05, seed=0, cache_dir=str(base / "cache"))
     return out
 
 
