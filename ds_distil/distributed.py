@@ -16,6 +16,7 @@ ds-distil runs under four launchers and one code path serves them all:
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -25,6 +26,10 @@ from datetime import timedelta
 from ds_distil.errors import UserError
 
 REQUIRED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+# Exit status of a rank that checkpointed because the job is about to end (EX_TEMPFAIL):
+# the slurm/ scripts requeue the job on it, and the requeued job resumes.
+EXIT_PREEMPTED = 75
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,23 @@ def first_slurm_host(nodelist: str) -> str:
     return first
 
 
+def slurm_node_addr(host: str) -> str:
+    """The address SLURM reaches ``host`` at (its NodeAddr), or ``host`` itself.
+
+    NodeAddr is what the other nodes can connect to; it differs from the node name on
+    clusters with a separate management name, and on the loopback test cluster.
+    """
+    try:
+        out = subprocess.run(["scontrol", "show", "node", host], check=True,
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return host
+    for field in out.split():
+        if field.startswith("NodeAddr="):
+            return field[len("NodeAddr="):] or host
+    return host
+
+
 def discover_launcher_env(environ: dict | None = None) -> str:
     """Fill RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT from the launcher's variables.
 
@@ -93,7 +115,7 @@ def discover_launcher_env(environ: dict | None = None) -> str:
         put("WORLD_SIZE", env["SLURM_NTASKS"])
         put("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
         if "MASTER_ADDR" not in env and "SLURM_JOB_NODELIST" in env:
-            put("MASTER_ADDR", first_slurm_host(env["SLURM_JOB_NODELIST"]))
+            put("MASTER_ADDR", slurm_node_addr(first_slurm_host(env["SLURM_JOB_NODELIST"])))
     else:
         launcher = "single"
         put("RANK", 0)
@@ -154,3 +176,48 @@ def all_reduce_sum(tensor):
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+class PreemptionSignal:
+    """Turns SIGUSR1 (SLURM's warning before the time limit) into an agreed stop.
+
+    The signal reaches ranks at different moments, possibly mid-step, so the handler only
+    sets a flag; :meth:`requested` (call it at optimizer-step boundaries, on every rank)
+    all-reduces the flags so that all ranks stop after the same step, save the
+    checkpoint together and exit with :data:`EXIT_PREEMPTED`. Each call is a collective
+    and a host sync: a few per minute are enough given SLURM's minutes of warning.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1,)):
+        self.signals = signals
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> "PreemptionSignal":
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def requested(self) -> bool:
+        """True on every rank once any rank has received the signal (a collective)."""
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self.received is not None
+        device = "cpu"
+        if dist.get_backend() != "gloo":  # nccl & co. reduce device tensors only
+            from deepspeed.accelerator import get_accelerator
+
+            device = get_accelerator().current_device_name()
+        flag = torch.tensor([0.0 if self.received is None else 1.0], device=device)
+        all_reduce_sum(flag)
+        return flag.item() > 0

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
 
 # Keep every test on the CPU accelerator and off any hub.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# One cache for DeepSpeed's JIT-compiled ops, shared by every child process (torch uses
+# the directory as given; leaving it unset in some processes and set in others rebuilds).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
