@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine (README, Quickstart):
-#   make demo   the end-to-end distillation demo (arrives with the trainer)
+#   make demo   the end-to-end distillation demo (DEMO_ARGS="--force" runs it again)
 #   make test   the whole test suite, multi-process and cluster tests included
 # Both are idempotent: stamps under .venv/ make a second run skip every install.
 SHELL := /bin/bash
@@ -14,8 +14,9 @@ TORCH_SPEC ?= torch==2.13.0
 # runner), Open MPI and MPICH (mpirun + mpi4py), munge + SLURM (sbatch/srun).
 APT_PACKAGES := openssh-server openssh-client pdsh openmpi-bin libopenmpi-dev mpich libmpich-dev munge slurm-wlm
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
-.PHONY: test install system-deps clean
+.PHONY: demo test install system-deps clean
 
 install: $(VENV)/.installed
 
@@ -41,8 +42,11 @@ $(VENV)/.system-deps: Makefile
 	fi
 	touch $@
 
+demo: install
+	$(VPY) -m ds_distil demo $(DEMO_ARGS)
+
 test: install system-deps
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info demo_run

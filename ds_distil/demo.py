@@ -56,7 +56,10 @@ def run(args) -> int:
     started = time.time()
     work = Path(args.workdir).resolve()
     if (work / "summary.json").exists() and not args.force:
-        raise UserError(f"{work}: holds a finished demo (summary.json); pass --force or another --workdir")
+        # Idempotent: a finished demo is shown again, not redone.
+        print(format_table(json.loads((work / "summary.json").read_text())))
+        print(f"\n{work} holds a finished demo; run it again with --force (make demo DEMO_ARGS=--force)")
+        return 0
     if args.force and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
