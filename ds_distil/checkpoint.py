@@ -4,20 +4,28 @@ Layout under ``<output_dir>/checkpoints``::
 
     global_step500/            DeepSpeed's files (all ranks write their shards)
         rng_rank0.pt ...       each rank's RNG states (dropout), ds-distil's own format
-        ds_distil_state.json   written LAST, by rank 0, after every rank finished: its
-                               presence is what makes the checkpoint complete
+        ds_distil_state.json   written LAST, by rank 0, after every rank finished: the
+                               run state plus a manifest (name and size of every file
+                               of the tag); its presence is what makes the checkpoint
+                               complete
     latest                     the newest complete tag, replaced atomically
     student_hf/                the student's HF config + tokenizer (for export)
 
 A save that dies half-way leaves a tag without ``ds_distil_state.json``; ``latest`` still
-names the previous complete tag, and resume skips the incomplete one.
+names the previous complete tag, and resume skips the incomplete one. A file damaged
+after the save (truncated by a full disk or a copy, a garbage state file) no longer
+matches the manifest: resume warns and falls back to the newest tag that does.
+A save that fails (disk full, quota) raises :class:`CheckpointWriteError` naming the
+directory; the previous checkpoint and ``latest`` are untouched.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -37,6 +45,10 @@ def tag_for(step: int) -> str:
     return f"global_step{step}"
 
 
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, quota, permissions): nothing was marked complete."""
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old or the new file, never half."""
     path = Path(path)
@@ -46,73 +58,185 @@ def write_atomic(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates 0600; give the file the mode any file the user creates gets.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def manifest(tag_dir: Path) -> dict[str, int]:
+    """Every file of a checkpoint tag (but the state file) and its size in bytes."""
+    tag_dir = Path(tag_dir)
+    return {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
+            if p.is_file() and p.name != STATE_FILE}
+
+
+def problem(root: Path, tag: str) -> str | None:
+    """Why ``root/tag`` cannot be resumed from, or None if it is a complete checkpoint.
+
+    Complete means: the state file exists, parses, and every file its manifest lists is
+    there with the recorded size (checkpoints written before manifests existed are
+    trusted on the state file alone).
+    """
+    tag_dir = Path(root) / tag
+    state_file = tag_dir / STATE_FILE
+    if not state_file.is_file():
+        return f"no {STATE_FILE}: the save was interrupted"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"{STATE_FILE} is unreadable ({err})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return f"{STATE_FILE} is not a ds-distil checkpoint state"
+    for name, size in (state.get("files") or {}).items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, the save wrote {size} (truncated or damaged)"
+    return None
+
+
 def is_complete(root: Path, tag: str) -> bool:
-    return (Path(root) / tag / STATE_FILE).is_file()
+    return problem(root, tag) is None
+
+
+def _tag_dirs(root: Path) -> list[tuple[int, str]]:
+    """(step, tag) of every global_stepN directory under ``root``, oldest first."""
+    if not Path(root).is_dir():
+        return []
+    found = [(int(m.group(1)), d.name) for d in Path(root).iterdir()
+             if (m := _TAG_RE.match(d.name)) and d.is_dir()]
+    return sorted(found)
 
 
 def complete_tags(root: Path) -> list[str]:
     """Complete checkpoint tags under ``root``, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for d in root.iterdir():
-        m = _TAG_RE.match(d.name)
-        if m and d.is_dir() and is_complete(root, d.name):
-            found.append((int(m.group(1)), d.name))
-    return [tag for _, tag in sorted(found)]
+    return [tag for _, tag in _tag_dirs(root) if is_complete(root, tag)]
 
 
 def latest_complete(root: Path, warn=print) -> str | None:
-    """The tag to resume from: ``latest`` if complete, else the newest complete tag."""
+    """The tag to resume from: the one ``latest`` names if complete, else the newest complete tag.
+
+    Every newer tag passed over is named in a warning with the reason (an interrupted
+    save, a damaged file), so a fallback is never silent.
+    """
     root = Path(root)
     latest_file = root / LATEST
-    if latest_file.is_file():
-        tag = latest_file.read_text().strip()
-        if is_complete(root, tag):
-            return tag
-        warn(f"warning: {latest_file} names {tag}, which is incomplete (a save was interrupted); "
-             "falling back to the newest complete checkpoint")
-    tags = complete_tags(root)
-    for d in sorted(root.glob("global_step*")) if root.is_dir() else []:
-        if d.is_dir() and d.name not in tags:
-            warn(f"warning: skipping incomplete checkpoint {d} (no {STATE_FILE})")
-    return tags[-1] if tags else None
+    named = latest_file.read_text(errors="replace").strip() if latest_file.is_file() else None
+    chosen = named if named and _TAG_RE.match(named) and is_complete(root, named) else None
+    for _, tag in reversed(_tag_dirs(root)):
+        if tag == chosen:
+            break
+        reason = problem(root, tag)
+        if reason is None and chosen is None:
+            chosen = tag
+            break
+        warn(f"warning: skipping checkpoint {root / tag}: " +
+             (reason or f"complete, but {latest_file} names the older {chosen}"))
+    if named is not None and named != chosen:
+        warn(f"warning: {latest_file} names {named!r}, which is not a complete checkpoint; "
+             f"resuming from {chosen or 'nothing (a fresh start)'} instead")
+    return chosen
+
+
+def resolve_resume(path: str | Path, warn=print) -> tuple[Path, str | None]:
+    """(checkpoint root, tag) for ``resume=PATH``: a run's ``checkpoints`` directory (its
+    newest complete tag, with warnings) or one tag directory (taken as it is)."""
+    path = Path(path)
+    if (path / LATEST).exists() or _tag_dirs(path):
+        return path, latest_complete(path, warn=warn)
+    return path.parent, path.name
 
 
 def read_state(root: Path, tag: str) -> dict:
-    path = Path(root) / tag / STATE_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: unreadable checkpoint state ({err}); resume from another tag "
-                        "or delete this checkpoint directory")
+    """The state of a checkpoint the caller chose explicitly; a damaged one is a UserError."""
+    reason = problem(root, tag)
+    if reason is not None:
+        raise UserError(f"{Path(root) / tag}: cannot resume from this checkpoint: {reason}; resume from "
+                        "an earlier tag (resume=auto picks the newest complete one) or delete this directory")
+    return json.loads((Path(root) / tag / STATE_FILE).read_text())
 
 
-def save(engine, root: Path, step: int, state: dict, keep: int, rank: int) -> str:
-    """Save on every rank (DeepSpeed requires it); rank 0 then marks it complete and prunes."""
+def save(engine, root: Path, step: int, state: dict, keep: int, rank: int, before_marking=None) -> str:
+    """Save on every rank (DeepSpeed requires it); rank 0 then marks it complete and prunes.
+
+    ``before_marking`` (tests only) runs on every rank after the files are written and
+    before the checkpoint is marked complete: the fault-injection hook kills a rank there.
+    Raises :class:`CheckpointWriteError` on the rank whose write failed.
+    """
     import torch
     import torch.distributed as dist
 
     root = Path(root)
     tag = tag_for(step)
-    # DeepSpeed would write `latest` before every rank is known to be done: we write it.
-    engine.save_checkpoint(str(root), tag=tag, client_state={"ds_distil": state}, save_latest=False)
-    torch.save(rng_state(), root / tag / f"rng_rank{rank}.pt")
+    tag_dir = root / tag
+    if rank == 0:
+        # Re-saving a tag (after a fallback): unmark it first, so that a save interrupted
+        # half-way over the old files is never taken for complete.
+        (tag_dir / STATE_FILE).unlink(missing_ok=True)
+    dist.barrier()
+    try:
+        # DeepSpeed would write `latest` before every rank is known to be done: we write it.
+        engine.save_checkpoint(str(root), tag=tag, client_state={"ds_distil": state}, save_latest=False)
+        torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
+    except (OSError, RuntimeError) as err:
+        if is_collective_error(err):
+            raise
+        raise write_error(root, tag, rank, err) from None
+    if before_marking is not None:
+        before_marking()
     dist.barrier()
     if rank == 0:
-        write_atomic(root / tag / STATE_FILE, json.dumps(state, indent=1, sort_keys=True))
-        write_atomic(root / LATEST, tag)
+        try:
+            write_atomic(tag_dir / STATE_FILE,
+                         json.dumps({**state, "files": manifest(tag_dir)}, indent=1, sort_keys=True))
+            write_atomic(root / LATEST, tag)
+        except OSError as err:
+            (tag_dir / STATE_FILE).unlink(missing_ok=True)
+            raise write_error(root, tag, rank, err) from None
         for old in complete_tags(root)[:-keep]:
             shutil.rmtree(root / old, ignore_errors=True)
+            shutil.rmtree(root / f"{old}_universal", ignore_errors=True)
     dist.barrier()
     return tag
+
+
+def write_error(root: Path, tag: str, rank: int, err: BaseException) -> CheckpointWriteError:
+    """The message for a failed save: what failed, what is still good, what to do.
+
+    torch's zip writer reports a full disk as "file write failed" or "unexpected pos",
+    without errno, so the free space is compared with the size of the last checkpoint.
+    """
+    root = Path(root)
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    previous = [t for t in complete_tags(root) if t != tag]
+    needed = sum(manifest(root / previous[-1]).values()) if previous else 0
+    free = shutil.disk_usage(root).free if root.exists() else 0
+    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < max(needed, 1 << 20):
+        reason = (f"the disk is full or over quota ({free / 2**20:.1f} MiB free, a checkpoint takes "
+                  f"{needed / 2**20:.1f} MiB): {reason}")
+    kept = (f"the previous checkpoint {root / previous[-1]} is intact and {root / LATEST} still names it"
+            if previous else "no earlier checkpoint exists")
+    return CheckpointWriteError(f"{root / tag}: saving the checkpoint failed on rank {rank}: {reason}; {kept}. "
+                                f"Free space (delete {root / tag}, which is incomplete) or move output_dir, then "
+                                "rerun the same command to resume")
+
+
+def is_collective_error(err: BaseException) -> bool:
+    """Whether ``err`` came from a collective (a peer died) rather than from the file system."""
+    text = str(err)
+    return any(marker in text for marker in COLLECTIVE_ERROR_MARKERS) or type(err).__module__.startswith(
+        "torch.distributed")
+
+
+# What torch's gloo / NCCL process groups put in the errors of a failed collective.
+COLLECTIVE_ERROR_MARKERS = ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer",
+                            "Timed out waiting", "ProcessGroup", "Broken pipe")
 
 
 def rng_state() -> dict:
@@ -143,17 +267,34 @@ def restore_rng(root: Path, tag: str, rank: int) -> bool:
     return True
 
 
+UNIVERSAL_DONE = "ds_distil_universal.json"
+
+
 def to_universal(root: Path, tag: str) -> str:
-    """Convert a ZeRO checkpoint to DeepSpeed's universal format (any world size can load it)."""
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (any world size can load it).
+
+    The conversion goes to a temporary folder renamed into place and marked with the
+    source's state file: a conversion interrupted by a kill (SLURM signals every process
+    of the step) or made from an older save of the same tag is redone, never trusted.
+    """
+    root = Path(root)
     out_tag = f"{tag}_universal"
-    if (Path(root) / out_tag).is_dir():
+    out, tmp = root / out_tag, root / f".{out_tag}.tmp"
+    source_state = (root / tag / STATE_FILE).read_text()
+    marker = out / UNIVERSAL_DONE
+    if marker.is_file() and marker.read_text() == source_state:
         return out_tag
+    shutil.rmtree(tmp, ignore_errors=True)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-           "--input_folder", str(Path(root) / tag), "--output_folder", str(Path(root) / out_tag),
-           "--inject_missing_state"]
+           "--input_folder", str(root / tag), "--output_folder", str(tmp), "--inject_missing_state"]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"universal checkpoint conversion of {root}/{tag} failed:\n{result.stderr[-2000:]}")
+    (tmp / UNIVERSAL_DONE).write_text(source_state)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    write_atomic(root / "latest_universal", out_tag)  # ds_to_universal wrote the tmp folder's name there
     return out_tag
 
 
@@ -192,13 +333,17 @@ def consolidated_state_dict(root: Path, tag: str) -> dict:
 
         state_dict = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     else:
-        # ZeRO stage 0 keeps the whole module in the model-states file. DeepSpeed pickles
-        # its own metadata there, so this one file needs the full loader; it is a file
-        # this run wrote, never user-supplied data.
+        # ZeRO stage 0 keeps the whole module in the model-states file. DeepSpeed 0.19
+        # stores only tensors, containers and plain values there, so the safe loader
+        # reads it; a file that needs more is refused rather than unpickled.
         model_file = tag_dir / "mp_rank_00_model_states.pt"
         if not model_file.is_file():
             raise UserError(f"{model_file}: missing; the checkpoint is incomplete or not a ds-distil checkpoint")
-        state_dict = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+        try:
+            state_dict = torch.load(model_file, map_location="cpu", weights_only=True)["module"]
+        except pickle.UnpicklingError as err:
+            raise UserError(f"{model_file}: holds objects the safe loader refuses ({str(err).splitlines()[0]}); "
+                            "export it with DeepSpeed's zero_to_fp32.py if you trust the file") from None
     prefix = "student."
     return {k[len(prefix):] if k.startswith(prefix) else k: v.float() for k, v in state_dict.items()}
 

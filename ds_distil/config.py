@@ -70,9 +70,12 @@ class TrainConfig:
     num_workers: int = 1
     """Data-loader worker processes per rank (0 = load in the training process)."""
     max_consecutive_skips: int = 10
-    """Stop after this many consecutive steps skipped for a non-finite loss or gradient."""
+    """Stop (exit 3, last checkpoint kept) after this many steps in a row skipped because
+    some rank had a non-finite loss or gradient (fp16 loss-scaler skips do not count
+    while the scaler can still lower its scale)."""
     collective_timeout_s: float = 600.0
-    """Timeout of every collective: a dead rank makes the others stop after this long."""
+    """Timeout of every collective, DeepSpeed's own process groups included: a dead or
+    hung rank makes the others stop (exit 4) after this long instead of hanging."""
     progress_bar: bool = True
     """Show a progress bar on rank 0 (the log lines are printed either way)."""
 
@@ -219,8 +222,12 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
-    """Read, override and validate a run config; raises UserError listing every problem."""
+def read_run_config(path: str | None, overrides: list[str] = ()) -> tuple[RunConfig | None, list[str]]:
+    """Read, override and validate a run config: (config, every problem found).
+
+    The config is returned even when it has problems (a default stands in for each bad
+    value), so that the other inputs can still be checked and reported in the same go.
+    """
     raw: dict = {}
     source = path or "command line"
     if path is not None:
@@ -231,13 +238,36 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
             raw = json.loads(p.read_text())
         except json.JSONDecodeError as err:
             raise UserError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}")
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"{path}: cannot read the run config ({err})")
     raw = apply_overrides(raw, list(overrides))
     problems: list[str] = []
     cfg = _build(RunConfig, raw, "", problems)
     if cfg is not None:
         problems.extend(validate(cfg))
+    return cfg, [f"{source}: {p}" for p in problems]
+
+
+def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
+    """Read, override and validate a run config; raises UserError listing every problem."""
+    cfg, problems = read_run_config(path, overrides)
     if problems:
-        raise UserError(*[f"{source}: {p}" for p in problems])
+        raise UserError(*problems)
+    return cfg
+
+
+def check_run(path: str | None, overrides: list[str] = (), world_size: int = 1, accelerator=None) -> RunConfig:
+    """The run config, once it and every input it names are known good for ``world_size`` ranks.
+
+    Reports everything wrong at once (UserError, one problem per line): the run config,
+    the DeepSpeed JSON, the teacher/student pair, tokenizers, data and the checkpoint to
+    resume from. Reads JSON and tokenizer files only; no model weights are loaded.
+    """
+    cfg, problems = read_run_config(path, overrides)
+    if cfg is not None:
+        problems.extend(preflight(cfg, world_size, accelerator))
+    if problems:
+        raise UserError(*problems)
     return cfg
 
 
@@ -290,3 +320,173 @@ def validate(cfg: RunConfig) -> list[str]:
             problems.append(f"{name}: {value} does not exist; check the path (relative paths start "
                             "from the current directory)")
     return problems
+
+
+# ---------------------------------------------------------------------------- preflight
+
+def preflight(cfg: RunConfig, world_size: int, accelerator=None) -> list[str]:
+    """Problems with the inputs a run config names, found before any model loads.
+
+    Inputs already reported missing by :func:`validate` are skipped; each problem names
+    its file, key and value and says how to fix it.
+    """
+    problems = deepspeed_problems(cfg, world_size, accelerator)
+    student_tokenizer = None
+    if _exists(cfg.student):
+        student_tokenizer, found = _tokenizer(cfg.student, "student")
+        problems += found
+    problems += pair_problems(cfg, student_tokenizer)
+    if _exists(cfg.data):
+        problems += data_problems(cfg.data, student_tokenizer)
+    if cfg.resume not in ("auto", "never", None) and Path(cfg.resume).exists():
+        problems += resume_problems(cfg.resume)
+    return problems
+
+
+def _exists(path: str | None) -> bool:
+    return path is not None and Path(path).exists()
+
+
+def deepspeed_problems(cfg: RunConfig, world_size: int, accelerator=None) -> list[str]:
+    """The DeepSpeed JSON: syntax, keys removed in 0.19.x, DeepSpeed's own schema, the batch
+    arithmetic at ``world_size`` ranks, the precision on this device, the overflow checks."""
+    from ds_distil import ds_config
+
+    path = cfg.deepspeed_config
+    if not _exists(path):
+        return []
+    try:
+        ds = ds_config.load_ds_config(path)
+    except UserError as err:
+        return err.problems
+    problems = []
+    for check in (lambda: ds_config.validate_with_deepspeed(ds, world_size, source=path),
+                  lambda: ds_config.check_precision_supported(ds, path, accelerator)):
+        try:
+            check()
+        except UserError as err:
+            problems += err.problems
+    return problems + overflow_check_problems(ds, path)
+
+
+def overflow_check_problems(ds: dict, source: str) -> list[str]:
+    """Settings under which DeepSpeed 0.19.8 would apply a step with inf/NaN gradients.
+
+    ZeRO stages 1 and 2 find non-finite gradients through ``bf16.check_grad_overflow``
+    (bf16) or the gradient norm (fp32); with those off, the trainer could not make every
+    rank skip a bad step.
+    """
+    zero = ds.get("zero_optimization") or {}
+    if not isinstance(zero, dict) or zero.get("stage", 0) not in (1, 2):
+        return []
+    bf16 = ds.get("bf16") or ds.get("bfloat16") or {}
+    fp16 = ds.get("fp16") or {}
+    if isinstance(bf16, dict) and bf16.get("enabled") and bf16.get("check_grad_overflow") is False:
+        return [f"{source}: bf16.check_grad_overflow=false: DeepSpeed would apply steps with inf/NaN gradients "
+                "under ZeRO-1/2; remove the key (ds-distil skips such steps on every rank and needs the check)"]
+    fp32 = not (isinstance(bf16, dict) and bf16.get("enabled")) and not (isinstance(fp16, dict) and fp16.get("enabled"))
+    if fp32 and zero.get("compute_grad_norm") is False:
+        return [f"{source}: zero_optimization.compute_grad_norm=false: in fp32 DeepSpeed then applies steps with "
+                "inf/NaN gradients; remove the key (ds-distil skips such steps on every rank and needs the norm)"]
+    return []
+
+
+def _read_model_config(directory: str, role: str) -> tuple[dict | None, list[str]]:
+    """``config.json`` of a model directory, or a problem naming it."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return None, [f"{role}: {directory} has no config.json: pass a Hugging Face model directory "
+                      f"({'made by ds-distil init-student' if role == 'student' else 'the teacher saved with save_pretrained()'})"]
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return None, [f"{path}: unreadable model config ({err}): restore the file, or save the model again "
+                      "with save_pretrained()"]
+    if not isinstance(config, dict):
+        return None, [f"{path}: not a model config (a JSON object is expected)"]
+    return config, []
+
+
+def _width(config: dict):
+    return config.get("hidden_size", config.get("dim"))
+
+
+def pair_problems(cfg: RunConfig, student_tokenizer=None) -> list[str]:
+    """Teacher and student disagree: vocabulary, tokenizer, or widths when L_cos is on."""
+    student = teacher = None
+    problems = []
+    if _exists(cfg.student):
+        student, found = _read_model_config(cfg.student, "student")
+        problems += found
+    if cfg.teacher is not None and _exists(cfg.teacher):
+        teacher, found = _read_model_config(cfg.teacher, "teacher")
+        problems += found
+    if student is None or teacher is None:
+        return problems
+    fix = f"build the student from this teacher: ds-distil init-student --teacher {cfg.teacher}"
+    if student.get("vocab_size") != teacher.get("vocab_size"):
+        problems.append(f"student: {cfg.student} has vocab_size {student.get('vocab_size')} but teacher {cfg.teacher} "
+                        f"has {teacher.get('vocab_size')}: distillation needs one vocabulary; {fix}")
+    if cfg.loss.alpha_cos > 0 and _width(student) != _width(teacher):
+        problems.append(f"loss.alpha_cos: {cfg.loss.alpha_cos} needs equal hidden sizes, but teacher {cfg.teacher} "
+                        f"has {_width(teacher)} and student {cfg.student} has {_width(student)}: set "
+                        f"loss.alpha_cos=0, or {fix} (it keeps the teacher's width)")
+    if student_tokenizer is not None and _has_tokenizer_files(cfg.teacher):
+        problems += _tokenizer_pair_problems(student_tokenizer, cfg, fix)
+    return problems
+
+
+def _has_tokenizer_files(directory: str) -> bool:
+    return any((Path(directory) / name).is_file() for name in ("tokenizer.json", "vocab.txt", "vocab.json"))
+
+
+def _tokenizer(directory: str, role: str):
+    """(tokenizer, problems) of a model directory; AutoTokenizer reads small files only."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True), []
+    except Exception as err:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError...
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        return None, [f"{role}: {directory}: no usable tokenizer ({reason}); the student directory must hold "
+                      "the teacher's tokenizer files (ds-distil init-student copies them)"]
+
+
+def _tokenizer_pair_problems(student, cfg: RunConfig, fix: str) -> list[str]:
+    from ds_distil.data import tokenizer_fingerprint
+
+    teacher, problems = _tokenizer(cfg.teacher, "teacher")
+    if teacher is None:
+        return problems
+    if tokenizer_fingerprint(student) != tokenizer_fingerprint(teacher):
+        return [f"student: {cfg.student} has another tokenizer than teacher {cfg.teacher} (token ids would mean "
+                f"different tokens to the two models): {fix}, or copy the teacher's tokenizer files into it"]
+    return []
+
+
+def data_problems(data_dir: str, tokenizer) -> list[str]:
+    """Prepared data: readable, intact (every split opens with its recorded row count),
+    and tokenised by the student's tokenizer."""
+    from ds_distil import data
+
+    try:
+        prepared = data.load_prepared(data_dir)
+        if tokenizer is not None:
+            data.check_tokenizer_matches(prepared.meta, tokenizer, data_dir)
+    except UserError as err:
+        return [f"data: {p}" for p in err.problems]
+    return []
+
+
+def resume_problems(resume: str) -> list[str]:
+    """A checkpoint named by ``resume`` must be complete (``auto`` falls back instead)."""
+    from ds_distil import checkpoint
+
+    root, tag = checkpoint.resolve_resume(resume, warn=lambda _: None)
+    if tag is None:
+        return [f"resume: {resume} holds no complete checkpoint; name a checkpoint directory or tag, or use \"auto\""]
+    try:
+        checkpoint.read_state(root, tag)
+    except UserError as err:
+        return [f"resume: {p}" for p in err.problems]
+    return []

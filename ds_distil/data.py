@@ -952,8 +952,18 @@ def load_prepared(path: str | os.PathLike) -> PreparedData:
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{directory} was prepared in format {meta.get('format')} v{meta.get('format_version')}, "
                         f"this ds-distil reads {FORMAT} v{FORMAT_VERSION}: prepare it again with --force")
-    splits = datasets.load_from_disk(str(directory))
-    token_counts = np.load(directory / "token_counts.npy")
+    try:
+        splits = datasets.load_from_disk(str(directory))
+        token_counts = np.load(directory / "token_counts.npy")
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError, its IO errors OSErrors
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise UserError(f"{directory}: the prepared data is damaged or incomplete ({reason}): prepare it again "
+                        "(ds-distil prepare --force)") from None
+    for name in ("train", "validation"):
+        expected = (meta.get("splits") or {}).get(name, {}).get("sequences")
+        if expected is not None and len(splits[name]) != expected:
+            raise UserError(f"{directory}/{name}: holds {len(splits[name])} sequences but meta.json records "
+                            f"{expected} (a truncated or replaced file): prepare it again (ds-distil prepare --force)")
     return PreparedData(str(directory), splits["train"], splits["validation"], meta, token_counts)
 
 

@@ -7,7 +7,18 @@ step every rank:
      all-reduce), so every term is a mean over the global batch however it is split;
   3. per micro-batch: teacher forward under inference mode (frozen, outside the engine),
      student forward + loss sums inside the engine, backward, ``engine.step()``.
-Host syncs happen only on log steps (and the checks of the reliability guards).
+Host syncs happen only on log steps, plus one small all-reduce per step for the guards.
+
+Reliability guards (README, "Reliability"):
+- a non-finite loss on any rank poisons the last micro-batch's loss on every rank (an
+  all-reduce of a device flag, no host sync), so every rank's optimizer skips that step
+  together and DeepSpeed counts it in ``skipped_steps``; ``train.max_consecutive_skips``
+  skips in a row stop the run without saving over the last good checkpoint;
+- SIGUSR1/SIGTERM (SLURM's warning) on any rank: every rank checkpoints at the next step
+  boundary and exits with :data:`~ds_distil.distributed.EXIT_PREEMPTED` (75);
+- a failed or timed-out collective (a rank died or hangs): the surviving ranks say which
+  checkpoint to resume from and exit with :data:`EXIT_RANK_LOST`;
+- every input is checked before a model loads (:func:`ds_distil.config.check_run`).
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -24,10 +36,12 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ds_distil.config import RunConfig, describe, load_run_config
+from ds_distil.config import RunConfig, check_run, describe
+from ds_distil.distributed import EXIT_PREEMPTED  # 75: checkpointed on SIGUSR1/SIGTERM, requeue and resume
 from ds_distil.errors import UserError
 
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: checkpointed on SIGUSR1/SIGTERM, requeue and resume
+EXIT_NONFINITE = 3  # train.max_consecutive_skips steps in a row had a non-finite loss or gradient
+EXIT_RANK_LOST = 4  # a collective failed or timed out: a rank died, hangs, or the network failed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="overrides of the run config, e.g. train.max_steps=100 loss.alpha_cos=0")
     parser.add_argument("--describe-config", action="store_true", help="print every config key and exit")
+    parser.add_argument("--check", action="store_true",
+                        help="check the run config, DeepSpeed JSON, teacher/student pair, tokenizers, data and "
+                             "checkpoint from their files (no model is loaded) and exit: 0 if the run can start, "
+                             "2 with every problem listed")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="with --check: the number of ranks to check the batch arithmetic for "
+                             "(default: the launcher's, 1 outside one)")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment wins.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -45,49 +66,139 @@ def run(args) -> int:
         return 0
     if not args.config and not args.overrides:
         raise UserError("no run config: pass --config RUN.json (see --describe-config)")
-    cfg = load_run_config(args.config, args.overrides)
+    world_size, local_rank = _launch_geometry(args.world_size)
+    try:
+        cfg = check_run(args.config, args.overrides, world_size)
+    except UserError as err:
+        # Every rank checks (a path may be missing on one node only), one rank per node reports.
+        raise err if local_rank == 0 else UserError() from None
+    if args.check:
+        print(f"ds-distil train: {args.config or 'the command line'}: ok for {world_size} rank(s)")
+        return 0
     return train(cfg)
+
+
+def _launch_geometry(world_size: int | None) -> tuple[int, int]:
+    """(world size, local rank) the launcher gives this process, without touching the environment."""
+    from ds_distil.distributed import discover_launcher_env
+
+    env = dict(os.environ)
+    discover_launcher_env(env)
+    if world_size is not None and world_size < 1:
+        raise UserError(f"--world-size {world_size}: give the number of ranks (at least 1)")
+    return world_size or int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
 
 
 def train(cfg: RunConfig) -> int:
     """Run (or resume) training; returns the process exit status."""
-    from ds_distil.distributed import setup_distributed, teardown_distributed
+    from ds_distil.checkpoint import is_collective_error
+    from ds_distil.distributed import PreemptionSignal, setup_distributed, teardown_distributed
 
     # DeepSpeed 0.19 calls torch collectives that torch 2.13 flags as deprecated, every step.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    # Installed before anything slow, so a signal during start-up is not lost either.
+    preemption = PreemptionSignal((signal.SIGUSR1, signal.SIGTERM)).install()
     dist_info = setup_distributed(cfg.train.collective_timeout_s)
+    _bound_every_group(cfg.train.collective_timeout_s)
+    status = None
     try:
-        trainer = Trainer(cfg, dist_info)
-        return trainer.fit()
+        status = Trainer(cfg, dist_info, preemption).fit()
+        return status
+    except Exception as err:
+        if not is_collective_error(err):
+            raise
+        status = EXIT_RANK_LOST
+        _report_rank_lost(dist_info.rank, "before training started", err, Path(cfg.output_dir) / "checkpoints")
+        return status
     finally:
-        teardown_distributed()
+        preemption.uninstall()
+        if status in (0, EXIT_NONFINITE, EXIT_PREEMPTED):
+            teardown_distributed()  # every rank got here: the closing barrier is safe
+        else:
+            _abandon_process_group()
+
+
+def _bound_every_group(timeout_s: float) -> None:
+    """Give the process groups DeepSpeed creates later the collective timeout too.
+
+    ``init_process_group`` applies the timeout to the default group only; DeepSpeed's
+    data-parallel (and ZeRO) groups come from ``new_group()`` without one, which falls
+    back to torch's 30-minute (gloo) / 10-minute (NCCL) default: a rank stuck in their
+    collectives (the gradient-norm all-reduce) would wait that long for a dead peer.
+    """
+    from datetime import timedelta
+
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timedelta(seconds=timeout_s)
+    if hasattr(c10d, "default_pg_nccl_timeout"):
+        c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
+
+
+def _abandon_process_group() -> None:
+    """Leave a process group whose peers may be dead: no barrier (it would wait for them)."""
+    import torch.distributed as dist
+
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - the group is broken; all that matters now is exiting
+        pass
+    time.sleep(0.5)  # gloo's threads race interpreter shutdown otherwise (see teardown_distributed)
+
+
+def _report_rank_lost(rank: int, where: str, err: BaseException, ckpt_root: Path) -> None:
+    """Every surviving rank says so on stderr (rank 0 may be the one that died)."""
+    from ds_distil.checkpoint import latest_complete
+
+    reason = _first_line(err).split(" This is typically caused")[0]
+    last = latest_complete(ckpt_root, warn=lambda _: None)
+    resume = f"restart the job to resume from {ckpt_root / last}" if last else \
+        "restart the job (no complete checkpoint yet: it starts over)"
+    print(f"ds-distil train: error: rank {rank}: lost contact with another rank {where}: a rank died, hangs or "
+          f"the network failed; {resume} (the collective error: {reason})", file=sys.stderr, flush=True)
 
 
 @dataclass
 class StepTotals:
-    """Device-side running sums between two log points (read only when logging)."""
+    """Device-side running sums between two log points (read only when logging).
 
-    sums: object  # tensor [ce, mlm, cos, mlm_hits]
-    counts: object  # tensor [ce, mlm, cos]
+    Steps skipped for a non-finite loss are left out of ``sums`` and ``counts`` (their
+    losses would turn the interval's means into NaN) but counted in ``tokens``.
+    """
+
+    sums: object  # tensor [ce, mlm, cos, mlm_hits]: this rank's loss sums
+    counts: object  # tensor [ce, mlm, cos]: token counts of the global batch, float64
     steps: int = 0
-    tokens: int = 0
+    tokens: object = 0  # real tokens of the global batches (a device scalar once a step ran)
     sequences: int = 0
+
+    @classmethod
+    def zeros(cls, device) -> "StepTotals":
+        import torch
+
+        return cls(sums=torch.zeros(4, device=device), counts=torch.zeros(3, dtype=torch.float64, device=device))
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, dist_info):
+    def __init__(self, cfg: RunConfig, dist_info, preemption=None):
         import torch
 
         from ds_distil import checkpoint, data, ds_config
         from ds_distil.batching import GlobalBatchSampler
+        from ds_distil.distributed import PreemptionSignal
         from ds_distil.masking import MaskingCollator
 
         self.cfg, self.dist = cfg, dist_info
         self.is_main = dist_info.is_main
         self.out = Path(cfg.output_dir)
-        self.ckpt_root = self.out / "checkpoints"
+        self.ckpt_root = self.out / "checkpoints"  # where this run saves
+        self.resume_root = self.ckpt_root  # where it resumes from (resume=PATH may name another run's)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.stop_signal = None
+        self.preemption = preemption or PreemptionSignal(signals=())
+        self.faults = FaultInjection.from_env(dist_info.rank)
+        if self.faults.active:
+            print(f"ds-distil train: rank {dist_info.rank}: fault injection on: {self.faults}", file=sys.stderr)
 
         # -- DeepSpeed config and the batch arithmetic, derived once and printed.
         self.ds_cfg = ds_config.load_ds_config(cfg.deepspeed_config)
@@ -106,13 +217,15 @@ class Trainer:
                                                       **dataclasses.asdict(cfg.masking))
         self.max_steps = cfg.train.max_steps or max(1, math.floor((cfg.train.epochs or 3) * self.sampler.steps_per_epoch))
 
-        # -- Models: the student inside the engine, the teacher frozen beside it.
+        # -- Models: the student inside the engine, the teacher frozen beside it. The
+        #    checkpoint is chosen first: a damaged one must fail before the slow loads.
         self.device = _device(dist_info.local_rank)
         self.compute_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
+        self.resume_tag, resume_state = self._find_resume(checkpoint)
         self.teacher = self._load_teacher()
         self.need_ce, self.need_cos = needed_terms(self.teacher, cfg.loss)
-        self.resume_tag, resume_state = self._find_resume(checkpoint)
         self.engine = self._build_engine(resume_state)
+        skip_nonfinite_updates(self.engine)
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
         if self.resume_tag:
             self._resume(checkpoint, resume_state)
@@ -125,6 +238,8 @@ class Trainer:
                                    self.batch["global_batch"])
         self.teacher_time = self.step_fn.teacher_time
         self.writer = MetricsWriter(self.out, self.engine.monitor, enabled=self.is_main, echo=self._echo)
+        self.skips = SkipTracker(self.engine, self.cfg.train.max_consecutive_skips, self._fp16_scaler_adapting,
+                                 self.device)
         self._write_resolved_config()
 
     # ------------------------------------------------------------------ building
@@ -135,30 +250,26 @@ class Trainer:
 
         if self.cfg.teacher is None:
             return None
+        # Vocabulary, widths and tokenizers were compared from the config and tokenizer
+        # files before anything loaded (config.check_run); the fingerprint needs weights.
         teacher = load_masked_lm(self.cfg.teacher, dtype=self.compute_dtype)
         teacher.eval().requires_grad_(False).to(self.device)
-        student_cfg = _read_json(Path(self.cfg.student) / "config.json")
-        problems = []
-        if teacher.config.vocab_size != student_cfg.get("vocab_size"):
-            problems.append(f"teacher {self.cfg.teacher} has vocab_size {teacher.config.vocab_size} but student "
-                            f"{self.cfg.student} has {student_cfg.get('vocab_size')}: build the student from this "
-                            "teacher with `ds-distil init-student`")
-        student_width = student_cfg.get("dim", student_cfg.get("hidden_size"))
-        if self.cfg.loss.alpha_cos > 0 and teacher.config.hidden_size != student_width:
-            problems.append(f"teacher hidden size {teacher.config.hidden_size} != student {student_width}: L_cos "
-                            "needs equal widths; set loss.alpha_cos=0 or use a student of the teacher's width")
-        if problems:
-            raise UserError(*problems)
         layer_map = Path(self.cfg.student) / "layer_map.json"
         if layer_map.is_file():
-            recorded = _read_json(layer_map).get("teacher_fingerprint")
+            recorded = (_read_json(layer_map).get("teacher") or {}).get("fingerprint")
             if recorded and recorded != teacher_fingerprint(teacher):
-                self._echo(f"warning: {self.cfg.student} was not built from teacher {self.cfg.teacher} "
-                           "(fingerprints differ); distillation still runs but the initialisation is not the teacher's")
+                self._echo(f"warning: {self.cfg.student} was not built from teacher {self.cfg.teacher} (its "
+                           f"{layer_map.name} records another teacher fingerprint); distillation still runs, but "
+                           "the student does not start from this teacher's weights: rebuild it with "
+                           f"`ds-distil init-student --teacher {self.cfg.teacher}` unless this is intended")
         return teacher
 
     def _find_resume(self, checkpoint):
-        """Which checkpoint to resume from (None: fresh run), and its saved state."""
+        """Which checkpoint to resume from (None: fresh run), and its saved state.
+
+        ``resume=auto`` falls back past incomplete or damaged checkpoints with a warning
+        each; a checkpoint named explicitly must be complete.
+        """
         cfg = self.cfg
         if cfg.resume == "never":
             if checkpoint.complete_tags(self.ckpt_root):
@@ -168,12 +279,10 @@ class Trainer:
         if cfg.resume == "auto":
             tag = checkpoint.latest_complete(self.ckpt_root, warn=self._echo)
         else:
-            path = Path(cfg.resume)
-            self.ckpt_root, tag = (path, checkpoint.latest_complete(path, warn=self._echo)) \
-                if (path / checkpoint.LATEST).exists() else (path.parent, path.name)
+            self.resume_root, tag = checkpoint.resolve_resume(cfg.resume, warn=self._echo)
         if tag is None:
             return None, None
-        return tag, checkpoint.read_state(self.ckpt_root, tag)
+        return tag, checkpoint.read_state(self.resume_root, tag)
 
     def _build_engine(self, resume_state):
         import deepspeed
@@ -195,7 +304,7 @@ class Trainer:
             self._echo(f"world size changed ({resume_state['world_size']} -> {self.dist.world_size}): "
                        "converting the checkpoint to DeepSpeed's universal format")
             if self.is_main:
-                checkpoint.to_universal(self.ckpt_root, self.resume_tag)
+                checkpoint.to_universal(self.resume_root, self.resume_tag)
             _barrier()
             self.resume_tag = f"{self.resume_tag}_universal"
             resolved.setdefault("checkpoint", {})["load_universal"] = True
@@ -209,18 +318,25 @@ class Trainer:
         return engine
 
     def _resume(self, checkpoint, state):
-        load_path, _ = self.engine.load_checkpoint(str(self.ckpt_root), tag=self.resume_tag)
+        where = self.resume_root / self.resume_tag
+        try:
+            load_path, _ = self.engine.load_checkpoint(str(self.resume_root), tag=self.resume_tag)
+        except Exception as err:  # noqa: BLE001 - DeepSpeed raises anything from torch.load/pickle
+            if checkpoint.is_collective_error(err):
+                raise
+            raise UserError(f"{where}: DeepSpeed could not load this checkpoint ({_first_line(err)}); delete "
+                            "this directory to resume from the previous checkpoint, or start a fresh output_dir")
         if load_path is None:
-            raise UserError(f"{self.ckpt_root / self.resume_tag}: DeepSpeed could not load this checkpoint; "
-                            "resume from another tag or start a fresh output_dir")
+            raise UserError(f"{where}: DeepSpeed could not load this checkpoint; resume from another tag "
+                            "or start a fresh output_dir")
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         same_world = state["world_size"] == self.dist.world_size
-        if not (same_world and checkpoint.restore_rng(self.ckpt_root, self.resume_tag.replace("_universal", ""),
+        if not (same_world and checkpoint.restore_rng(self.resume_root, self.resume_tag.replace("_universal", ""),
                                                       self.dist.rank)):
             import torch
 
             torch.manual_seed(self.cfg.train.seed + self.dist.rank + self.step)
-        self._echo(f"resumed from {self.ckpt_root / self.resume_tag} at step {self.step} "
+        self._echo(f"resumed from {where} at step {self.step} "
                    f"(epoch {self.epoch}, step {self.step_in_epoch} of {self.sampler.steps_per_epoch})")
 
     def _write_resolved_config(self):
@@ -237,36 +353,82 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> int:
+        """Train to ``max_steps``; returns the exit status (0, 75 preempted, 3 or 4 on faults)."""
         from ds_distil import checkpoint
 
-        self._install_signal_handlers()
-        batches = self._batches()
-        totals = self._new_totals()
+        batches, totals = self._batches(), StepTotals.zeros(self.device)
         last_log = time.perf_counter()
         progress = self._progress_bar()
-        while self.step < self.max_steps:
-            micro_batches = next(batches)
-            self.step_fn(micro_batches, totals)
-            self.step += 1
-            progress.update(1)
-            if self.step % self.cfg.train.log_interval == 0 or self.step == self.max_steps:
-                self._log(totals, time.perf_counter() - last_log)
-                totals, last_log = self._new_totals(), time.perf_counter()
-            if self.cfg.train.eval_interval and self.step % self.cfg.train.eval_interval == 0:
+        try:
+            while self.step < self.max_steps:
+                self.step_fn(next(batches), totals, inject_nan=self.faults.nan_at(self.step + 1))
+                self.step += 1
+                progress.update(1)
+                if self.skips.after_step(self.step, self._echo):
+                    return self._stop_nonfinite()
+                if self._due(self.cfg.train.log_interval) or self.step == self.max_steps:
+                    self._log(totals, time.perf_counter() - last_log)
+                    totals, last_log = StepTotals.zeros(self.device), time.perf_counter()
+                if self._due(self.cfg.train.eval_interval):
+                    self.evaluate()
+                preempted = self.preemption.requested()  # a collective: every rank agrees
+                if preempted or self.step == self.max_steps or self._due(self.cfg.train.checkpoint_interval):
+                    self.save()
+                if preempted:
+                    return self._stop_preempted()
+            if not self._due(self.cfg.train.eval_interval):
                 self.evaluate()
-            stop = self._stop_requested()
-            interval = self.cfg.train.checkpoint_interval
-            if stop or self.step == self.max_steps or (interval and self.step % interval == 0):
-                self.save(checkpoint)
-            if stop:
-                self._echo(f"stopping at step {self.step} on signal {stop}: checkpoint saved, exit {PREEMPTED_EXIT}")
-                progress.close()
-                return PREEMPTED_EXIT
-        progress.close()
-        if not self.cfg.train.eval_interval or self.step % self.cfg.train.eval_interval:
-            self.evaluate()
+        except Exception as err:
+            if not checkpoint.is_collective_error(err):
+                raise
+            return self._stop_rank_lost(err)
+        finally:
+            progress.close()
         self.writer.close()
         return 0
+
+    def _due(self, interval: int) -> bool:
+        return bool(interval) and self.step % interval == 0
+
+    def _fp16_scaler_adapting(self) -> bool:
+        """Under fp16 a skipped step is the dynamic loss scaler at work until its scale bottoms out."""
+        if self.precision != "fp16":
+            return False
+        fp16 = self.ds_resolved.get("fp16", {})
+        if fp16.get("loss_scale", 0) != 0:  # a static loss scale never adapts
+            return False
+        scale = self.engine._get_optimizer_loss_scale()
+        return scale is not None and float(scale) > float(fp16.get("min_loss_scale", 1))
+
+    # ------------------------------------------------------------------ stopping
+
+    def _stop_nonfinite(self) -> int:
+        """Too many skipped steps in a row: stop without saving, so the last checkpoint stays good."""
+        from ds_distil import checkpoint
+
+        last = checkpoint.latest_complete(self.ckpt_root, warn=lambda _: None)
+        resume = f"the last good checkpoint {self.ckpt_root / last} is intact" if last else "no checkpoint yet"
+        self.writer.close()
+        if self.is_main:
+            print(f"ds-distil train: error: {self.skips.consecutive} optimizer steps in a row (up to step "
+                  f"{self.step}) had a non-finite loss or gradient on some rank and were skipped on every rank "
+                  f"(train.max_consecutive_skips={self.skips.limit}): stopping without saving ({resume}); lower "
+                  "the learning rate, raise the warmup or check the data, then rerun to resume",
+                  file=sys.stderr, flush=True)
+        return EXIT_NONFINITE
+
+    def _stop_preempted(self) -> int:
+        received = self.preemption.received
+        name = signal.Signals(received).name if received else "a signal received by another rank"
+        self._echo(f"stopping at step {self.step} on {name}: checkpoint saved, exit {EXIT_PREEMPTED}")
+        self.writer.close()
+        return EXIT_PREEMPTED
+
+    def _stop_rank_lost(self, err: Exception) -> int:
+        """A collective failed or timed out: say where to resume from."""
+        _report_rank_lost(self.dist.rank, f"at step {self.step + 1}", err, self.ckpt_root)
+        self.writer.close()
+        return EXIT_RANK_LOST
 
     # ------------------------------------------------------------------ data
 
@@ -289,37 +451,36 @@ class Trainer:
 
     # ------------------------------------------------------------------ reporting
 
-    def _new_totals(self) -> StepTotals:
-        import torch
-
-        return StepTotals(sums=torch.zeros(4, device=self.device), counts=torch.zeros(3, dtype=torch.float64))
-
     def _log(self, totals: StepTotals, seconds: float) -> None:
         from ds_distil.distributed import all_reduce_sum
         from ds_distil.metrics import peak_memory_gib
 
+        self.skips.verify(self.step_fn.nonfinite_steps)
         sums = all_reduce_sum(totals.sums.clone()).double().cpu()  # the log step's host sync
-        counts = totals.counts.clamp(min=1)
-        values = {}
-        terms = {"ce": (self.need_ce, 0), "mlm": (True, 1), "cos": (self.need_cos, 2)}
-        alphas = {"ce": self.cfg.loss.alpha_ce, "mlm": self.cfg.loss.alpha_mlm, "cos": self.cfg.loss.alpha_cos}
-        total = 0.0
-        for term, (active, i) in terms.items():
-            if active:
-                values[f"loss_{term}"] = float(sums[i] / counts[i])
-                total += alphas[term] * values[f"loss_{term}"]
-        values = {"loss": total, **values, "mlm_accuracy": float(sums[3] / counts[1])}
+        counts = totals.counts.cpu()
+        values = self._loss_values(sums, counts) if counts[1] > 0 else {}  # {}: every step was skipped
         teacher_seconds = self.teacher_time.pop_seconds()
         grad_norm = self.engine.get_global_grad_norm()
-        values.update(lr=self.engine.get_lr()[0], tokens_per_s=totals.tokens / seconds,
+        values.update(lr=self.engine.get_lr()[0], tokens_per_s=float(totals.tokens) / seconds,
                       sequences_per_s=totals.sequences / seconds, teacher_share=teacher_seconds / seconds,
                       peak_mem_gib=peak_memory_gib(self.device), skipped_steps=self.engine.skipped_steps,
                       epoch=self.epoch)
-        if grad_norm is not None:
+        if grad_norm is not None and math.isfinite(float(grad_norm)):
             values["grad_norm"] = float(grad_norm)
         if self.precision == "fp16":
             values["loss_scale"] = float(self.engine._get_optimizer_loss_scale() or 0)
         self.writer.write("Train", self.step, values)
+
+    def _loss_values(self, sums, counts) -> dict:
+        """Each active term's mean over its tokens, the weighted total and the MLM accuracy."""
+        values, total = {}, 0.0
+        terms = {"ce": (self.need_ce, 0, self.cfg.loss.alpha_ce), "mlm": (True, 1, self.cfg.loss.alpha_mlm),
+                 "cos": (self.need_cos, 2, self.cfg.loss.alpha_cos)}
+        for term, (active, i, alpha) in terms.items():
+            if active:
+                values[f"loss_{term}"] = float(sums[i] / counts[i].clamp(min=1))
+                total += alpha * values[f"loss_{term}"]
+        return {"loss": total, **values, "mlm_accuracy": float(sums[3] / counts[1])}
 
     def evaluate(self) -> dict:
         """Student MLM accuracy and perplexity on the validation split (fixed masks)."""
@@ -329,7 +490,9 @@ class Trainer:
         from ds_distil.distributed import all_reduce_sum
 
         self.engine.eval()
-        sums = torch.zeros(3, dtype=torch.float64)
+        # On the device: NCCL reduces device tensors only (and reading each batch's loss
+        # on the host would sync every batch).
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         loader = make_eval_loader(self.data.validation, self.collator, self.batch["micro_batch"],
                                   self.dist.world_size, self.dist.rank, num_workers=0)
         if self.cfg.train.eval_max_batches:
@@ -340,21 +503,27 @@ class Trainer:
                 rows = batch["target_positions"]  # flat indices of the MLM targets, from the loader
                 out = self.engine(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
                                   rows.to(self.device), labels.flatten()[rows].to(self.device))
-                sums += torch.tensor([float(out["mlm"]), float(out["mlm_hits"]), len(rows)], dtype=torch.float64)
+                sums[0] += out["mlm"].detach().double()
+                sums[1] += out["mlm_hits"].double()
+                sums[2] += len(rows)
         self.engine.train()
-        sums = all_reduce_sum(sums)
+        sums = all_reduce_sum(sums).cpu()
         n = max(sums[2].item(), 1)
         result = {"mlm_accuracy": sums[1].item() / n, "perplexity": math.exp(min(sums[0].item() / n, 50)),
                   "targets": int(sums[2].item())}
         self.writer.write("Eval", self.step, result)
         return result
 
-    def save(self, checkpoint) -> None:
+    def save(self) -> None:
+        from ds_distil import checkpoint
+
+        # Never mark a checkpoint complete over weights that took a non-finite update.
+        self.skips.verify(self.step_fn.nonfinite_steps)
         state = {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                  "world_size": self.dist.world_size, "zero_stage": self.ds_resolved.get("zero_optimization", {}).get("stage", 0),
                  "run_config": self.cfg.to_dict(), "ds_config": self.ds_resolved, "time": time.time()}
         tag = checkpoint.save(self.engine, self.ckpt_root, self.step, state, self.cfg.train.keep_checkpoints,
-                              self.dist.rank)
+                              self.dist.rank, before_marking=self.faults.kill_in_save(self.step))
         self._echo(f"checkpoint {self.ckpt_root / tag}")
 
     def _progress_bar(self):
@@ -372,26 +541,6 @@ class Trainer:
             tqdm.write(message, file=sys.stdout)
             sys.stdout.flush()
 
-    # ------------------------------------------------------------------ preemption
-
-    def _install_signal_handlers(self) -> None:
-        def request_stop(signum, _frame):
-            self.stop_signal = signal.Signals(signum).name
-
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, request_stop)
-
-    def _stop_requested(self) -> str | None:
-        """Agree across ranks: a signal seen by any rank stops every rank at this boundary."""
-        import torch
-
-        from ds_distil.distributed import all_reduce_sum
-
-        flag = all_reduce_sum(torch.tensor([1.0 if self.stop_signal else 0.0]))
-        if flag.item() > 0:
-            return self.stop_signal or "SIGUSR1/SIGTERM (another rank)"
-        return None
-
 
 def needed_terms(teacher, loss_cfg) -> tuple[bool, bool]:
     """Whether L_ce and L_cos are computed (they need a teacher and a weight above 0)."""
@@ -406,6 +555,8 @@ class DistillStep:
     """
 
     def __init__(self, engine, teacher, loss_cfg, device, world_size: int, global_batch: int):
+        import torch
+
         from ds_distil.losses import LossWeights
         from ds_distil.metrics import Stopwatch
 
@@ -415,9 +566,14 @@ class DistillStep:
         self.need_ce, self.need_cos = needed_terms(teacher, loss_cfg)
         self.weights = LossWeights(loss_cfg.alpha_ce, loss_cfg.alpha_mlm, loss_cfg.alpha_cos, loss_cfg.temperature)
         self.teacher_time = Stopwatch(device)
+        # Steps whose loss was non-finite on some rank (a device counter, read on log steps).
+        self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device)
 
-    def __call__(self, micro_batches, totals: StepTotals) -> None:
-        """One optimizer step over this rank's micro-batches of the global batch."""
+    def __call__(self, micro_batches, totals: StepTotals, inject_nan: bool = False) -> None:
+        """One optimizer step over this rank's micro-batches of the global batch.
+
+        ``inject_nan`` (fault-injection tests only) makes this rank's loss NaN.
+        """
         import torch
 
         from ds_distil.distributed import all_reduce_sum
@@ -425,26 +581,53 @@ class DistillStep:
 
         prepared = [self.prepare(mb) for mb in micro_batches]
         # Token counts of the global batch: every term is normalised by them, not by
-        # per-rank means, so gradients do not depend on how the batch is split.
-        counts = all_reduce_sum(torch.stack([p["counts"] for p in prepared]).sum(0))
-        counts_dev = counts.to(self.device, non_blocking=True)
-        global_counts = {"ce": counts_dev[0], "mlm": counts_dev[1], "cos": counts_dev[2]}
-        for p in prepared:
+        # per-rank means, so gradients do not depend on how the batch is split. Reduced on
+        # the device: NCCL cannot reduce host tensors, and the reduce does not sync the host.
+        counts = all_reduce_sum(torch.stack([p["counts"] for p in prepared]).sum(0).to(self.device))
+        global_counts = {"ce": counts[0], "mlm": counts[1], "cos": counts[2]}
+        step_sums = torch.zeros(4, device=self.device)
+        nonfinite = torch.zeros(1, device=self.device)
+        for i, p in enumerate(prepared):
             teacher_hidden, teacher_logits = self.teacher_outputs(p)
             sums = self.engine(p["input_ids"], p["attention_mask"], p["rows"], p["row_targets"],
                                teacher_hidden, teacher_logits)
             loss = weighted_total(sums, global_counts, self.weights)
+            if inject_nan:
+                loss = loss * float("nan")
+            nonfinite += (~torch.isfinite(loss.detach())).float()
+            if i == len(prepared) - 1:
+                loss = self.skip_together(loss, nonfinite)
             # DeepSpeed averages gradients over data-parallel ranks and (by default) divides
             # by the accumulation steps; our loss is already a global-batch mean.
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             self.engine.step()
             zero = loss.new_zeros((), dtype=torch.float32)
-            totals.sums += torch.stack([sums.get("ce", zero).detach().float(), sums["mlm"].detach().float(),
-                                        sums.get("cos", zero).detach().float(), sums["mlm_hits"].float()])
-        totals.counts += counts
+            step_sums += torch.stack([sums.get("ce", zero).detach().float(), sums["mlm"].detach().float(),
+                                      sums.get("cos", zero).detach().float(), sums["mlm_hits"].float()])
+        # A skipped step stays out of the loss means (its sums are NaN); no host sync here.
+        kept = (nonfinite == 0)
+        totals.sums += torch.where(kept, step_sums, 0.0).to(totals.sums.device)
+        totals.counts += torch.where(kept, counts, 0.0).to(totals.counts.device)
+        self.nonfinite_steps += (~kept).long().squeeze(0)
         totals.steps += 1
-        totals.tokens += int(counts[2])
+        totals.tokens = totals.tokens + counts[2]
         totals.sequences += self.global_batch
+
+    def skip_together(self, loss, nonfinite):
+        """``loss``, made NaN on every rank if any rank's loss was non-finite in this step.
+
+        Called before the step's last backward: the all-reduce of the flag is a device
+        collective (no host sync). Multiplying by 1.0 leaves a healthy step bit-identical;
+        multiplying by NaN turns every rank's gradients non-finite, so every rank's
+        optimizer skips the step (DeepSpeed's overflow check, or skip_nonfinite_updates).
+        """
+        import torch
+
+        from ds_distil.distributed import all_reduce_sum
+
+        all_reduce_sum(nonfinite)
+        poison = torch.where(nonfinite > 0, torch.full_like(nonfinite, float("nan")), torch.ones_like(nonfinite))
+        return loss * poison.squeeze(0).to(loss.dtype)
 
     def prepare(self, batch: dict) -> dict:
         """Rows each head loss needs and the token counts, computed on the CPU (no device sync)."""
@@ -476,6 +659,140 @@ class DistillStep:
         return (hidden.clone() if self.need_cos else None), (logits.clone() if logits is not None else None)
 
 
+# ---------------------------------------------------------------------------- non-finite steps
+
+def skip_nonfinite_updates(engine) -> None:
+    """Make a bare torch optimizer skip steps whose gradients are not finite, as DeepSpeed's do.
+
+    DeepSpeed 0.19.8 checks gradients in its fp16/bf16 wrappers and ZeRO optimizers (the
+    step is skipped, the gradients zeroed, ``engine.skipped_steps`` counted, the LR
+    schedule held), but fp32 without ZeRO runs the bare torch optimizer, which would
+    write NaN into every weight. Its ``step`` is wrapped to report ``overflow`` the way
+    DeepSpeed's wrappers do, so the engine handles the skip exactly as it does for them.
+    Gradients are all-reduced before ``step``, so every rank decides the same.
+    """
+    import torch
+
+    optimizer = engine.optimizer
+    if optimizer is None or hasattr(optimizer, "overflow"):
+        return  # a DeepSpeed wrapper: it checks for itself
+    unguarded_step = optimizer.step
+
+    def step(*args, **kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        optimizer.overflow = not finite
+        return unguarded_step(*args, **kwargs) if finite else None
+
+    optimizer.overflow = False
+    optimizer.step = step
+
+
+class SkipTracker:
+    """Counts skipped optimizer steps in a row and stops the run after ``limit`` of them.
+
+    DeepSpeed counts skips in ``engine.skipped_steps`` (a host integer, free to read).
+    Every rank sees the same count, so every rank stops at the same step.
+    """
+
+    def __init__(self, engine, limit: int, scaler_adapting, device):
+        self.engine, self.limit, self.scaler_adapting, self.device = engine, limit, scaler_adapting, device
+        self.seen = engine.skipped_steps
+        self.at_start = engine.skipped_steps
+        self.consecutive = 0
+
+    def after_step(self, step: int, echo) -> bool:
+        """Record ``step``; True when the run must stop."""
+        skipped = self.engine.skipped_steps > self.seen
+        self.seen = self.engine.skipped_steps
+        if not skipped:
+            self.consecutive = 0
+            return False
+        if self.scaler_adapting():
+            return False  # fp16: the loss scaler lowered its scale and tries again (DeepSpeed logs it)
+        self.consecutive += 1
+        echo(f"step {step} skipped on every rank: non-finite loss or gradient ({self.consecutive} in a row; "
+             f"the run stops at {self.limit})")
+        return self.consecutive >= self.limit
+
+    def verify(self, nonfinite_steps) -> None:
+        """Fail loudly if a step with a non-finite loss was applied, or if the ranks disagree
+        on what was skipped (their replicas would have diverged). A host sync and a
+        collective: called on log steps and before saves, at the same step on every rank."""
+        import torch
+        import torch.distributed as dist
+
+        poisoned, skipped = int(nonfinite_steps), self.engine.skipped_steps - self.at_start
+        if poisoned > skipped:
+            raise RuntimeError(f"{poisoned} step(s) had a non-finite loss but DeepSpeed skipped only {skipped}: "
+                               "the optimizer applied non-finite gradients (is an overflow check disabled in "
+                               "the DeepSpeed JSON?); the weights are not trustworthy, resume from the last "
+                               "checkpoint")
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            extremes = torch.tensor([skipped, -skipped], dtype=torch.float64, device=self.device)
+            dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+            if extremes[0].item() != -extremes[1].item():
+                raise RuntimeError(f"the ranks skipped between {-extremes[1].item():.0f} and {extremes[0].item():.0f} "
+                                   "steps: their model replicas have diverged; resume from the last checkpoint")
+
+
+# ---------------------------------------------------------------------------- fault injection
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """The fault-injection hook of the reliability tests, read from the environment here only.
+
+    Unset in every normal run. Each variable holds ``STEPS[:rankR]``: comma-separated
+    optimizer steps (1-based) or ranges ``a-b``; without ``:rankR`` it applies to every rank.
+
+    - ``DS_DISTIL_FAULT_NAN_STEPS``: the loss of those steps becomes NaN on that rank;
+    - ``DS_DISTIL_FAULT_KILL_IN_SAVE``: that rank SIGKILLs itself while saving the
+      checkpoint of that step, after its files are written and before the checkpoint is
+      marked complete (a crash mid-save).
+    """
+
+    nan_steps: frozenset = frozenset()
+    kill_in_save_steps: frozenset = frozenset()
+
+    VARIABLES = {"nan_steps": "DS_DISTIL_FAULT_NAN_STEPS", "kill_in_save_steps": "DS_DISTIL_FAULT_KILL_IN_SAVE"}
+
+    @classmethod
+    def from_env(cls, rank: int, environ=None) -> "FaultInjection":
+        env = os.environ if environ is None else environ
+        values = {field: _fault_steps(env[var], var, rank) for field, var in cls.VARIABLES.items() if env.get(var)}
+        return cls(**values)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.nan_steps or self.kill_in_save_steps)
+
+    def nan_at(self, step: int) -> bool:
+        return step in self.nan_steps
+
+    def kill_in_save(self, step: int):
+        """The callback that kills this process mid-save at ``step``, or None."""
+        if step not in self.kill_in_save_steps:
+            return None
+        return lambda: os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fault_steps(text: str, variable: str, rank: int) -> frozenset:
+    """Parse ``STEPS[:rankR]`` for this rank (an empty set when it names another rank)."""
+    steps_text, _, rank_text = text.partition(":")
+    try:
+        if rank_text and int(rank_text.removeprefix("rank")) != rank:
+            return frozenset()
+        steps = set()
+        for part in steps_text.split(","):
+            first, _, last = part.strip().partition("-")
+            steps.update(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise UserError(f"{variable}={text!r}: expected STEPS[:rankR], e.g. \"3,5-6:rank1\"") from None
+    return frozenset(steps)
+
+
+# ---------------------------------------------------------------------------- helpers
+
 def _device(local_rank: int):
     import torch
     from deepspeed.accelerator import get_accelerator
@@ -492,6 +809,11 @@ def _barrier():
 
     if dist.is_initialized():
         dist.barrier()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
 
 
 def _read_json(path: Path) -> dict:
