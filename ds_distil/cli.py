@@ -20,6 +20,7 @@ SUBCOMMANDS = [
     ("prepare", "ds_distil.data", "tokenise a corpus into a memory-mapped dataset with a held-out split"),
     ("train", "ds_distil.trainer", "distil (or MLM-pretrain) with DeepSpeed; resumes automatically"),
     ("export", "ds_distil.checkpoint", "write a checkpoint's student as a Hugging Face model (fp32, safetensors)"),
+    ("bench", "ds_distil.bench", "benchmark the distillation step against the reference formulation"),
     ("hostfile", "ds_distil.hostfile", "check a DeepSpeed hostfile, or write one from a SLURM allocation"),
     ("demo", "ds_distil.demo", "the end-to-end demo: teacher, distilled student, baseline, summary"),
 ]

@@ -89,6 +89,187 @@ def head_loss_sums(project: Callable[[torch.Tensor], torch.Tensor], hidden_rows:
     return {"ce": ce, "mlm": mlm, "mlm_hits": hits}
 
 
+# -------------------------------------------------------------------- fused projection + losses
+#
+# The vocabulary projection is the largest matmul of the step and its logits the largest
+# tensors. ``projected_loss_sums`` computes the logits in the compute precision one chunk
+# at a time, reduces them to the loss sums in fp32 in cache-sized row blocks, and writes
+# the loss gradient with respect to the logits (known in closed form) into the logits'
+# own buffer. Backward is then two matmuls per chunk, with no recompute of the forward
+# and no fp32 ``[rows, vocab]`` temporaries (the logits themselves are in the compute dtype):
+#   d(T^2 KL)/ds = T * (softmax(s/T) - softmax(t/T))      d(CE)/ds = softmax(s) - onehot
+# Above ``MAX_KEPT_GRAD_BYTES`` of kept gradients, backward recomputes them chunk by chunk.
+
+# Rows per block of the fp32 softmax arithmetic on CPUs: a block's fp32 temporaries
+# (block x vocabulary) stay in cache, 3x faster than whole-chunk ops. On GPUs, blocks of
+# about GPU_BLOCK_ELEMENTS logits keep the number of kernel launches small instead.
+SOFTMAX_BLOCK_ROWS = 16
+GPU_BLOCK_ELEMENTS = 32 * 1024 * 1024
+# Most bytes of logit gradients kept from forward for backward (else: recompute).
+MAX_KEPT_GRAD_BYTES = 1 << 30
+
+
+def projected_loss_sums(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                        teacher_logits: torch.Tensor | None, temperature: float,
+                        mlm_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """L_ce and L_mlm sums (and MLM hits) of the logits ``x @ weight.T + bias``, fused.
+
+    ``x`` are the rows after the head's transform (``[n, hidden]``), ``weight``/``bias`` the
+    vocabulary projection, ``targets`` each row's MLM target (-100: none) and
+    ``teacher_logits`` the teacher's logits at the same rows (None: no L_ce).
+    ``mlm_rows`` are the indices of the rows that have a target, ascending; computed here
+    when not given (a device sync on GPUs: callers pass them from the CPU). Values and gradients
+    equal ``kl_sum``/``mlm_sum`` on the full logits; fp32 arithmetic throughout, the logits
+    and their gradients rounded to ``x``'s dtype as an autocast matmul would.
+    """
+    if mlm_rows is None:
+        mlm_rows = (targets != IGNORE).nonzero().squeeze(1)
+    ce, mlm, hits = _ProjectedLosses.apply(x, weight, bias, targets, teacher_logits, float(temperature), mlm_rows)
+    return {"ce": ce, "mlm": mlm, "mlm_hits": hits}
+
+
+class _ProjectedLosses(torch.autograd.Function):
+    """The autograd function behind :func:`projected_loss_sums` (one backward per forward)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets, teacher_logits, temperature, mlm_rows):
+        # The matmuls run in the compute dtype: autocast's when it is on (fp32 master weights
+        # under DeepSpeed's torch_autocast), else the weight's. Backward runs outside
+        # autocast, so the cast operands are kept for it.
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else weight.dtype
+        ctx.dtypes = (x.dtype, weight.dtype)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        n, vocab = x.shape[0], weight.shape[0]
+        kept_rows = n + len(mlm_rows) if teacher_logits is not None else len(mlm_rows)
+        keep = kept_rows * vocab * x.element_size() <= MAX_KEPT_GRAD_BYTES
+        # Kept gradients: one chunk (no per-chunk row bookkeeping). Recomputed: bounded chunks.
+        rows_per_chunk = max(1, n) if keep else max(1, MAX_LOGITS_PER_CHUNK // max(1, vocab))
+        total = torch.zeros(3, dtype=torch.float32, device=x.device)  # ce, mlm, hits
+        kept = []
+        for start in range(0, n, rows_per_chunk):
+            chunk = _chunk_grads(x, weight, bias, targets, teacher_logits, temperature, mlm_rows, start,
+                                 min(n, start + rows_per_chunk), total)
+            if keep:
+                kept.append(chunk)
+        ctx.keep, ctx.kept, ctx.temperature, ctx.rows_per_chunk = keep, kept, temperature, rows_per_chunk
+        ctx.has_ce = teacher_logits is not None
+        # Teacher logits may be inference tensors: held as an attribute, read only in backward.
+        ctx.teacher_logits = None if keep else teacher_logits
+        ctx.bias = None if keep else bias
+        ctx.save_for_backward(x, weight, targets, mlm_rows)
+        hits = total[2].long()
+        ctx.mark_non_differentiable(hits)
+        return total[0].clone(), total[1].clone(), hits
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_mlm, _grad_hits):
+        if ctx.kept is None:
+            raise RuntimeError("projected_loss_sums: backward ran twice (retain_graph is not supported)")
+        x, weight, targets, mlm_rows = ctx.saved_tensors
+        n = x.shape[0]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = None  # the first chunk's product, then accumulated
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device) if need_b else None
+        for i, start in enumerate(range(0, n, ctx.rows_per_chunk)):
+            stop = min(n, start + ctx.rows_per_chunk)
+            if ctx.keep:
+                chunk, ctx.kept[i] = ctx.kept[i], None  # freed as soon as used
+            else:
+                chunk = _chunk_grads(x, weight, ctx.bias, targets, ctx.teacher_logits, ctx.temperature, mlm_rows,
+                                     start, stop, None)
+            d = _combine(chunk, grad_ce if ctx.has_ce else None, grad_mlm, stop - start)
+            if need_x:
+                torch.mm(d, weight, out=grad_x[start:stop])
+            if need_w and grad_w is None:
+                grad_w = torch.mm(d.t(), x[start:stop])
+            elif need_w:
+                grad_w.addmm_(d.t(), x[start:stop])
+            if need_b:
+                grad_b += d.sum(0, dtype=torch.float32)
+        ctx.kept = ctx.teacher_logits = ctx.bias = None
+        x_dtype, w_dtype = ctx.dtypes
+        if need_w and grad_w is None:  # no rows at all
+            grad_w = torch.zeros_like(weight)
+        return (grad_x.to(x_dtype) if need_x else None, grad_w.to(w_dtype) if need_w else None,
+                grad_b.to(w_dtype) if need_b else None, None, None, None, None)
+
+
+def _chunk_grads(x, weight, bias, targets, teacher_logits, temperature, mlm_rows, start, stop, total):
+    """``(d_ce, d_mlm, local_mlm_rows)`` of rows ``start:stop``: the logit gradients of each sum.
+
+    Adds the chunk's sums to ``total`` (unless None). ``d_ce`` is None without teacher logits.
+    """
+    logits = F.linear(x[start:stop], weight, bias)
+    if start == 0 and stop == x.shape[0]:
+        local = mlm_rows
+    else:  # several chunks (very large inputs only): a device sync on GPUs
+        local = mlm_rows[(mlm_rows >= start) & (mlm_rows < stop)] - start
+    # The MLM rows first: the L_ce gradient overwrites the logits below.
+    d_mlm = logits.index_select(0, local)
+    _mlm_grad_(d_mlm, targets[start:stop].index_select(0, local), total)
+    d_ce = None
+    if teacher_logits is not None:
+        _kl_grad_(logits, teacher_logits[start:stop], temperature, total)
+        d_ce = logits
+    return d_ce, d_mlm, local
+
+
+def _block_rows(logits: torch.Tensor) -> int:
+    if logits.device.type == "cpu":
+        return SOFTMAX_BLOCK_ROWS
+    return max(1, GPU_BLOCK_ELEMENTS // max(1, logits.shape[1]))
+
+
+def _kl_grad_(logits, teacher, temperature, total):
+    """Adds sum_rows T^2 KL(p_t || q_s) to ``total[0]``; overwrites ``logits`` with its gradient."""
+    inv_t = 1.0 / temperature
+    rows = _block_rows(logits)
+    with torch.no_grad():
+        for start in range(0, logits.shape[0], rows):
+            block = logits[start:start + rows]
+            log_q = F.log_softmax(_fp32_copy(block).mul_(inv_t), dim=-1)
+            log_p = F.log_softmax(_fp32_copy(teacher[start:start + rows]).mul_(inv_t), dim=-1)
+            p = log_p.exp()
+            if total is not None:
+                total[0] += torch.linalg.vecdot(p, log_p.sub_(log_q)).sum() * temperature**2
+            block.copy_(log_q.exp_().sub_(p).mul_(temperature))
+
+
+def _mlm_grad_(logits, targets, total):
+    """Adds the cross-entropy sum and the hits to ``total[1:]``; overwrites ``logits`` with the gradient."""
+    rows = _block_rows(logits)
+    with torch.no_grad():
+        for start in range(0, logits.shape[0], rows):
+            block = logits[start:start + rows]
+            tgt = targets[start:start + rows].unsqueeze(1)
+            s = block.float()
+            if total is not None:
+                total[2] += (s.argmax(-1, keepdim=True) == tgt).sum()
+            log_q = F.log_softmax(s, dim=-1)
+            if total is not None:
+                total[1] -= log_q.gather(1, tgt).sum()
+            block.copy_(log_q.exp_().scatter_add_(1, tgt, torch.full(tgt.shape, -1.0, device=s.device)))
+
+
+def _fp32_copy(t: torch.Tensor) -> torch.Tensor:
+    """An fp32 copy of ``t`` (``.float()`` would alias an fp32 input, which is then modified in place)."""
+    return t.to(torch.float32, copy=True)
+
+
+def _combine(chunk, grad_ce, grad_mlm, rows: int):
+    """``grad_ce * d_ce + grad_mlm * d_mlm`` (the latter at the MLM rows): the chunk's logit gradient."""
+    d_ce, d_mlm, local = chunk
+    d_mlm = d_mlm.mul_(grad_mlm)
+    if d_ce is not None:
+        d = d_ce.mul_(grad_ce)
+        return d.index_add_(0, local, d_mlm) if len(local) else d
+    if len(local) == rows:  # every row has a target (the rows are the MLM positions)
+        return d_mlm
+    return d_mlm.new_zeros(rows, d_mlm.shape[1]).index_copy_(0, local, d_mlm)
+
+
 def weighted_total(sums: dict[str, torch.Tensor], counts: dict[str, torch.Tensor],
                    weights: LossWeights) -> torch.Tensor:
     """alpha_ce*L_ce + alpha_mlm*L_mlm + alpha_cos*L_cos with global token counts.

@@ -8,6 +8,8 @@ and head lets ds-distil project just the rows it needs.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -47,11 +49,32 @@ def project(model: nn.Module, hidden_rows: torch.Tensor) -> torch.Tensor:
     head = mlm_head(model)
     if head is not None:
         return head(hidden_rows)
-    # DistilBertForMaskedLM keeps its head as loose attributes.
-    x = model.vocab_transform(hidden_rows)
-    x = model.activation(x)
-    x = model.vocab_layer_norm(x)
-    return model.vocab_projector(x)
+    transform, decoder = head_parts(model)
+    return decoder(transform(hidden_rows))
+
+
+def head_parts(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Linear]:
+    """The MLM head in two: its transform (hidden -> hidden) and its vocabulary projection.
+
+    ``project(model, h) == decoder(transform(h))``. The projection is a plain ``nn.Linear``
+    (weight tied to the word embeddings, bias tied to the head's bias) in all three
+    architectures, so the losses can fuse it (``losses.projected_loss_sums``).
+    """
+    arch = _arch(model)
+    if arch == "DistilBertForMaskedLM":  # the head is loose attributes of the model
+        return (lambda h: model.vocab_layer_norm(model.activation(model.vocab_transform(h)))), model.vocab_projector
+    if arch == "RobertaForMaskedLM":
+        from transformers.activations import gelu  # what RobertaLMHead.forward calls
+
+        head = model.lm_head
+        return (lambda h: head.layer_norm(gelu(head.dense(h)))), head.decoder
+    head = model.cls.predictions
+    return head.transform, head.decoder
+
+
+def zero3_partitioned(param: torch.Tensor) -> bool:
+    """Whether ZeRO-3 partitions ``param`` (its full value exists only inside its module's forward)."""
+    return hasattr(param, "ds_id")
 
 
 def load_masked_lm(path: str, dtype: torch.dtype | None = None) -> nn.Module:
@@ -93,20 +116,32 @@ class StudentObjective(nn.Module):
         self.temperature = temperature
         self.vocab_size = student.config.vocab_size
 
-    def forward(self, input_ids, attention_mask, rows, row_targets, teacher_hidden=None, teacher_logits=None):
+    def forward(self, input_ids, attention_mask, rows, row_targets, teacher_hidden=None, teacher_logits=None,
+                mlm_rows=None):
         """Loss sums of one micro-batch.
 
-        ``rows`` are flat indices (into batch*length) of the positions a head loss needs,
-        ``row_targets`` their MLM targets (-100: none), ``teacher_logits`` the teacher's
-        logits at ``rows`` (None: no L_ce) and ``teacher_hidden`` its last hidden states
-        (None: no L_cos).
+        ``rows`` are flat indices (into batch*length, ascending) of the positions a head
+        loss needs, ``row_targets`` their MLM targets (-100: none), ``teacher_logits`` the
+        teacher's logits at ``rows`` (None: no L_ce) and ``teacher_hidden`` its last hidden
+        states (None: no L_cos). ``mlm_rows``, optional, are the indices into ``rows`` of
+        those with a target (ascending); passing them from the CPU saves a device sync.
         """
         from ds_distil import losses
 
         hidden = encode(self.student, input_ids, attention_mask)
         hidden_rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
-        sums = losses.head_loss_sums(lambda h: project(self.student, h), hidden_rows, row_targets,
-                                     teacher_logits, self.temperature, self.vocab_size)
+        transform, decoder = head_parts(self.student)
+        if zero3_partitioned(decoder.weight):
+            # ZeRO-3 gathers the projection's weight only inside decoder's own forward, so the
+            # head runs as modules. Its checkpointed chunks save the teacher's logits for
+            # backward, which inference tensors cannot be.
+            if teacher_logits is not None and teacher_logits.is_inference():
+                teacher_logits = teacher_logits.clone()
+            sums = losses.head_loss_sums(lambda h: project(self.student, h), hidden_rows, row_targets,
+                                         teacher_logits, self.temperature, self.vocab_size)
+        else:
+            sums = losses.projected_loss_sums(transform(hidden_rows), decoder.weight, decoder.bias, row_targets,
+                                              teacher_logits, self.temperature, mlm_rows)
         if teacher_hidden is not None:
             sums["cos"] = losses.cosine_sum(hidden, teacher_hidden, attention_mask)
         return sums
