@@ -648,16 +648,10 @@ def format_report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ds_distil.bench``: the subcommand without the CLI (used for the sweeps' children)."""
-    parser = argparse.ArgumentParser(prog="ds-distil bench", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UserError as err:
-        for problem in err.problems:
-            print(f"ds-distil bench: error: {problem}", file=sys.stderr)
-        return 2
+    """``python -m ds_distil.bench``: the same as ``ds-distil bench`` (one error path: the CLI's)."""
+    from ds_distil.cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -198,16 +198,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ds_distil.hostfile``: the same as ``ds-distil hostfile``."""
-    parser = argparse.ArgumentParser(prog="ds-distil hostfile", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UserError as err:
-        for problem in err.problems:
-            print(f"ds-distil hostfile: error: {problem}", file=sys.stderr)
-        return 2
+    """``python -m ds_distil.hostfile``: the same as ``ds-distil hostfile`` (one error path: the CLI's)."""
+    from ds_distil.cli import main as cli_main
+
+    return cli_main(["hostfile", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
