@@ -475,7 +475,7 @@ def _time_steps(one_step, teacher_time, preset: Preset, batches: list[dict], set
         "tokens_per_step": tokens / len(timed),
         "tokens_per_s": tokens / seconds,
         "step_s": seconds / len(timed),
-        "step_s_min": min(step_seconds),
+        "step_seconds": step_seconds,
         "teacher_s": teacher_seconds / len(timed),
         "teacher_share": teacher_seconds / seconds,
         "student_share": student_seconds / seconds,
@@ -484,6 +484,7 @@ def _time_steps(one_step, teacher_time, preset: Preset, batches: list[dict], set
         "teacher_tflops": teacher_flops / max(teacher_seconds, 1e-9) / 1e12,
         "student_tflops": student_flops / max(student_seconds, 1e-9) / 1e12,
         "peak_mem_gib": memory.peak_gib(),
+        "peak_mem_of_phase": memory.resettable,  # False: the process's peak so far (reset refused)
         "cpu_busy": _cpu_busy(time.process_time() - cpu_start, seconds),
     }
 

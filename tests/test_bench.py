@@ -78,7 +78,8 @@ def test_bad_flags_are_one_line_errors(tmp_path):
     proc = subprocess.run(_bench_command("--preset", "small", "--seq-len", "5000"), env=child_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "ds-distil bench: error: sequence length 5000: must be in 16..512 (the models' positions)"
+    assert proc.stderr.strip() == ("ds-distil bench: error: sequence length 5000: must be in 16..512 "
+                                   "(the models' positions)")
 
 
 # ---------------------------------------------------------------------- fast step == reference
@@ -163,7 +164,8 @@ def test_engine_step_equals_the_reference_step(monkeypatch):
     from ds_distil.modeling import StudentObjective
     from ds_distil.trainer import DistillStep, StepTotals
 
-    for key, value in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port()).items():
+    world = dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())
+    for key, value in world.items():  # a world of one, restored after the test
         monkeypatch.setenv(key, str(value))
     loss_cfg = LossConfig()
     batches = [_batch(seed=s) for s in (1, 2)]
