@@ -19,6 +19,7 @@ SUBCOMMANDS = [
     ("init-student", "ds_distil.surgery", "build a half-depth student from a teacher (HF directory)"),
     ("prepare", "ds_distil.data", "tokenise a corpus into a memory-mapped dataset with a held-out split"),
     ("train", "ds_distil.trainer", "distil (or MLM-pretrain) with DeepSpeed; resumes automatically"),
+    ("finetune", "ds_distil.finetune", "fine-tune models on GLUE or custom tasks and compare them (median of seeds)"),
     ("export", "ds_distil.checkpoint", "write a checkpoint's student as a Hugging Face model (fp32, safetensors)"),
     ("bench", "ds_distil.bench", "benchmark the distillation step against the reference formulation"),
     ("hostfile", "ds_distil.hostfile", "check a DeepSpeed hostfile, or write one from a SLURM allocation"),

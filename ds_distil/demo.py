@@ -3,15 +3,21 @@
 Nothing is downloaded and no corpus ships with the repository:
 
 1. harvest English text from docstrings already on the machine (the Python standard
-   library and installed packages), deduplicated paragraphs of 8+ words;
+   library and installed packages), deduplicated paragraphs of 8+ words, each labelled
+   with the package it comes from;
 2. train a WordPiece tokenizer on it and ``ds-distil prepare`` the data (held-out split);
 3. pretrain a small BERT teacher with the trainer (MLM only, one process);
 4. ``ds-distil init-student`` a half-depth student and distil it with the ``deepspeed``
    launcher on 2 ranks (ZeRO-1, bf16 on CPU), TensorBoard logs included;
 5. train the same student architecture from random init, MLM only, for as many steps
    (the ablation baseline);
-6. export both students, evaluate teacher / student / baseline on the held-out split,
-   time batch-1 CPU inference, and write ``summary.json`` and a table.
+6. export both students and evaluate all three on the held-out split: MLM accuracy and
+   perplexity with the standard uniform 15% masks (80/10/10), the same masks for every
+   model; batch-1 CPU latency, models interleaved, median of repeats;
+7. downstream, as the paper measures "97%": ``ds-distil finetune`` fine-tunes each model
+   on a classification task built from the same text (which package a paragraph's
+   docstring comes from) with the same budget and seeds; held-out accuracy, median of seeds;
+8. write ``summary.json`` and the table.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -35,56 +43,69 @@ from ds_distil.errors import UserError
 # Packages whose docstrings are mostly English prose; the standard library alone is ~1.5 MB.
 DOC_PACKAGES = ("torch", "transformers", "deepspeed", "datasets", "numpy", "pandas", "pyarrow",
                 "tokenizers", "setuptools", "pip", "tensorboard", "huggingface_hub", "pydantic")
+STDLIB = "python"  # the label of the standard library's paragraphs
 _WORD = re.compile(r"[A-Za-z][a-z]+")
+MODELS = ("teacher", "student", "baseline")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="demo_run", help="where everything is written (default: demo_run)")
     parser.add_argument("--corpus-mb", type=float, default=8.0, help="size of the harvested corpus in MB")
-    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--vocab-size", type=int, default=2048,
+                        help="WordPiece vocabulary (small, so that the embedding does not dominate a small model)")
     parser.add_argument("--seq-len", type=int, default=64, help="maximum sequence length in tokens")
     parser.add_argument("--teacher-layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--teacher-steps", type=int, default=1200, help="MLM pretraining steps of the teacher")
-    parser.add_argument("--student-steps", type=int, default=600, help="steps of distillation and of the baseline")
+    parser.add_argument("--teacher-steps", type=int, default=1500, help="MLM pretraining steps of the teacher")
+    parser.add_argument("--teacher-lr", type=float, default=1e-3)
+    parser.add_argument("--student-steps", type=int, default=500, help="steps of distillation and of the baseline")
+    parser.add_argument("--student-lr", type=float, default=1e-3)
     parser.add_argument("--batch", type=int, default=64, help="global batch in sequences")
     parser.add_argument("--ranks", type=int, default=2, help="ranks of the deepspeed launcher for the students")
+    parser.add_argument("--task-classes", type=int, default=6, help="packages (classes) of the downstream task")
+    parser.add_argument("--task-train", type=int, default=250, help="training paragraphs per class")
+    parser.add_argument("--task-dev", type=int, default=100, help="held-out paragraphs per class")
+    parser.add_argument("--finetune-seeds", default="1,2,3", help="seeds of the downstream runs (median reported)")
+    parser.add_argument("--finetune-lr", default="1e-3", help="learning rate(s) of the downstream runs")
+    parser.add_argument("--finetune-epochs", type=float, default=4.0)
     parser.add_argument("--force", action="store_true", help="start over in a workdir that holds a finished demo")
 
 
 def run(args) -> int:
     started = time.time()
     work = Path(args.workdir).resolve()
-    if (work / "summary.json").exists() and not args.force:
-        # Idempotent: a finished demo is shown again, not redone.
-        print(format_table(json.loads((work / "summary.json").read_text())))
-        print(f"\n{work} holds a finished demo; run it again with --force (make demo DEMO_ARGS=--force)")
-        return 0
+    _check_workdir(work)
+    summary_path = work / "summary.json"
+    if summary_path.exists() and not args.force:
+        summary = _read_summary(summary_path)
+        if summary is not None:  # idempotent: a finished demo is shown again, not redone
+            print(format_table(summary))
+            print(f"\n{work} holds a finished demo; run it again with --force (make demo DEMO_ARGS=--force)")
+            return 0
     if args.force and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     env = _child_env()
 
-    corpus = work / "corpus.txt"
-    if not corpus.exists():
-        _stage("1/6 harvesting docstrings")
-        stats = harvest_docstrings(corpus, int(args.corpus_mb * 1e6))
+    corpus, sources = work / "corpus.txt", work / "corpus_sources.txt"
+    if not sources.exists():
+        _stage("1/8 harvesting docstrings")
+        stats = harvest_docstrings(corpus, sources, int(args.corpus_mb * 1e6))
         print(f"    {stats['paragraphs']:,} paragraphs, {stats['bytes'] / 1e6:.1f} MB from {stats['files']:,} files")
 
     tok_dir = work / "tokenizer"
-    if not (tok_dir / "tokenizer.json").exists():
-        _stage("2/6 tokenizer and data")
+    data_dir = work / "data"
+    if not (data_dir / "meta.json").exists():
+        _stage("2/8 tokenizer and data")
         from ds_distil.scratch import train_wordpiece_tokenizer
 
         with open(corpus) as f:
             train_wordpiece_tokenizer(f, args.vocab_size, tok_dir, model_max_length=args.seq_len)
-    data_dir = work / "data"
-    if not (data_dir / "meta.json").exists():
         _cli(env, "prepare", "--tokenizer", tok_dir, "--input", corpus, "--output", data_dir,
              "--max-seq-len", args.seq_len, "--validation-fraction", 0.02, "--num-proc", 2)
 
     ds_json = work / "ds_cpu.json"
-    _write_ds_config(ds_json, args.batch)
+    _write_ds_config(ds_json, args.batch, args.ranks)
     teacher_init = work / "teacher_init"
     if not (teacher_init / "config.json").exists():
         from transformers import AutoTokenizer
@@ -95,48 +116,86 @@ def run(args) -> int:
                          hidden_size=args.hidden, num_heads=max(1, args.hidden // 64),
                          intermediate_size=4 * args.hidden, max_position=args.seq_len, output_dir=teacher_init)
 
-    _stage("3/6 pretraining the teacher (MLM only, 1 process)")
-    teacher_run = work / "runs" / "teacher"
+    _stage("3/8 pretraining the teacher (MLM only, 1 process)")
     _train(env, 1, _run_config(work, "teacher", student=teacher_init, teacher=None, data=data_dir, ds=ds_json,
-                               steps=args.teacher_steps, lr=2e-3))
+                               steps=args.teacher_steps, lr=args.teacher_lr))
     teacher_dir = work / "teacher"
-    _cli(env, "export", "--checkpoint", teacher_run, "--output", teacher_dir, "--force")
+    _cli(env, "export", "--checkpoint", work / "runs" / "teacher", "--output", teacher_dir, "--force")
 
-    _stage(f"4/6 distilling a {args.teacher_layers // 2}-layer student (deepspeed, {args.ranks} ranks)")
+    _stage(f"4/8 distilling a {args.teacher_layers // 2}-layer student (deepspeed, {args.ranks} ranks)")
     student_init = work / "student_init"
     _cli(env, "init-student", "--teacher", teacher_dir, "--output", student_init, "--force")
     _train(env, args.ranks, _run_config(work, "student", student=student_init, teacher=teacher_dir, data=data_dir,
-                                        ds=ds_json, steps=args.student_steps, lr=1e-3))
+                                        ds=ds_json, steps=args.student_steps, lr=args.student_lr))
     _cli(env, "export", "--checkpoint", work / "runs" / "student", "--output", work / "student", "--force")
 
-    _stage("5/6 baseline: the same student from random init, MLM only")
+    _stage("5/8 baseline: the same student from random init, MLM only")
     baseline_init = work / "baseline_init"
     _random_like(student_init, baseline_init)
     _train(env, args.ranks, _run_config(work, "baseline", student=baseline_init, teacher=None, data=data_dir,
-                                        ds=ds_json, steps=args.student_steps, lr=1e-3))
+                                        ds=ds_json, steps=args.student_steps, lr=args.student_lr))
     _cli(env, "export", "--checkpoint", work / "runs" / "baseline", "--output", work / "baseline", "--force")
+    exported = {"teacher": teacher_dir, "student": work / "student", "baseline": work / "baseline"}
 
-    _stage("6/6 evaluation on the held-out split")
-    summary = evaluate_models(work, data_dir, {"teacher": teacher_dir, "student": work / "student",
-                                               "baseline": work / "baseline"})
-    summary.update(student_dir=str(work / "student"), tensorboard_dir=str(work / "runs"),
+    _stage("6/8 MLM evaluation on the held-out split (uniform masks) and batch-1 latency")
+    summary = evaluate_models(data_dir, exported)
+
+    _stage("7/8 downstream: fine-tuning each model on which package a paragraph comes from")
+    task_dir = work / "task"
+    task = build_source_task(corpus, sources, task_dir, args.task_classes, args.task_train, args.task_dev)
+    print(f"    {len(task['classes'])} classes ({', '.join(task['classes'])}), {task['train']:,} training and "
+          f"{task['dev']:,} held-out paragraphs")
+    finetune_out = work / "finetune"
+    _cli(env, "finetune", "--models", *(f"{n}={p}" for n, p in exported.items()), "--task", "docsource",
+         "--data", task_dir, "--text-columns", "text", "--output", finetune_out, "--lr", args.finetune_lr,
+         "--seeds", args.finetune_seeds, "--epochs", args.finetune_epochs, "--batch-size", 32,
+         "--max-seq-len", args.seq_len, "--log-interval", 1000, "--deepspeed-config", ds_json)
+    downstream = json.loads((finetune_out / "results.json").read_text())
+    summary = add_downstream(summary, downstream, task)
+    summary.update(exported_models={n: str(p) for n, p in exported.items()},
+                   finetuned_models={n: m["tasks"]["docsource"].get("model") for n, m in downstream["models"].items()},
+                   finetune_results=str(finetune_out / "results.json"), tensorboard_dir=str(work / "runs"),
                    teacher_steps=args.teacher_steps, student_steps=args.student_steps,
-                   wall_minutes=round((time.time() - started) / 60, 1))
-    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+                   wall_minutes=round((time.time() - started) / 60, 1), load_average=os.getloadavg())
+
+    _stage("8/8 summary")
+    tmp = summary_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, summary_path)
     print(format_table(summary))
-    print(f"\nsummary: {work / 'summary.json'}\nTensorBoard: tensorboard --logdir {work / 'runs'}")
+    print(f"\nsummary: {summary_path}\nTensorBoard: tensorboard --logdir {work / 'runs'}")
     return 0
+
+
+def _check_workdir(work: Path) -> None:
+    if work.exists() and not work.is_dir():
+        raise UserError(f"--workdir {work}: exists and is not a directory; choose a directory path")
+    for parent in work.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"--workdir {work}: lies under {parent}, which is a file; choose a directory path")
+
+
+def _read_summary(path: Path) -> dict | None:
+    """A finished demo's summary, or None (with a note) if it is damaged: the demo is then redone."""
+    try:
+        summary = json.loads(path.read_text())
+        format_table(summary)
+        return summary
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        print(f"{path}: damaged or from an older demo ({type(err).__name__}); running the demo again, reusing "
+              "the finished stages", file=sys.stderr)
+        return None
 
 
 # ---------------------------------------------------------------------- corpus
 
-def harvest_docstrings(output: Path, target_bytes: int) -> dict:
-    """Write deduplicated English docstring paragraphs (8+ words) to ``output``, one per line."""
-    files = _python_files()
+def harvest_docstrings(output: Path, sources: Path, target_bytes: int) -> dict:
+    """Deduplicated English docstring paragraphs (8+ words), one per line in ``output``; the
+    package each comes from on the same line of ``sources`` (``python`` for the standard library)."""
     seen: set[bytes] = set()
     written = n_files = 0
-    with open(output, "w") as out:
-        for path in files:
+    with open(output, "w") as out, open(sources, "w") as src:
+        for package, path in _python_files():
             n_files += 1
             for paragraph in _docstring_paragraphs(path):
                 key = hashlib.blake2b(paragraph.lower().encode(), digest_size=12).digest()
@@ -144,6 +203,7 @@ def harvest_docstrings(output: Path, target_bytes: int) -> dict:
                     continue
                 seen.add(key)
                 out.write(paragraph + "\n")
+                src.write(package + "\n")
                 written += len(paragraph) + 1
             if written >= target_bytes:
                 break
@@ -152,14 +212,21 @@ def harvest_docstrings(output: Path, target_bytes: int) -> dict:
     return {"paragraphs": len(seen), "bytes": written, "files": n_files}
 
 
-def _python_files() -> list[Path]:
-    roots = [Path(sysconfig.get_paths()["stdlib"])]
+def _python_files() -> list[tuple[str, Path]]:
+    """``(package, file)`` pairs; the packages interleaved so that a small corpus still has them all."""
+    roots = [(STDLIB, Path(sysconfig.get_paths()["stdlib"]))]
     site = Path(sysconfig.get_paths()["purelib"])
-    roots += [site / name for name in DOC_PACKAGES if (site / name).is_dir()]
-    files = []
-    for root in roots:
-        files += sorted(p for p in root.rglob("*.py") if "test" not in p.parts and "tests" not in p.parts)
-    return files
+    roots += [(name, site / name) for name in DOC_PACKAGES if (site / name).is_dir()]
+    per_root = []
+    for name, root in roots:
+        files = sorted(p for p in root.rglob("*.py") if "test" not in p.parts and "tests" not in p.parts
+                       and "site-packages" not in p.relative_to(root).parts)
+        per_root.append([(name, f) for f in files])
+    # Round-robin over the packages: every package contributes from the start.
+    out = []
+    for i in range(max(len(files) for files in per_root)):
+        out += [files[i] for files in per_root if i < len(files)]
+    return out
 
 
 def _docstring_paragraphs(path: Path):
@@ -179,6 +246,39 @@ def _docstring_paragraphs(path: Path):
             # Prose, not code, tables or parameter lists: enough words, mostly real words.
             if len(words) >= 8 and len(_WORD.findall(text)) >= 0.6 * len(words) and not text.startswith((">>>", "..", "--", "==")):
                 yield text
+
+
+def build_source_task(corpus: Path, sources: Path, out: Path, classes: int, train_per_class: int,
+                      dev_per_class: int, seed: int = 0) -> dict:
+    """A downstream task from the harvested text: which package does a paragraph come from?
+
+    The ``classes`` packages with the most paragraphs, the same number of paragraphs from
+    each (so chance is 1/classes), split into train and dev JSON Lines files. Answering
+    needs the paragraph's meaning (its vocabulary and topic), not its format: every
+    paragraph went through the same prose filter.
+    """
+    texts = corpus.read_text().splitlines()
+    labels = sources.read_text().splitlines()
+    by_source: dict[str, list[str]] = {}
+    for text, label in zip(texts, labels):
+        by_source.setdefault(label, []).append(text)
+    need = train_per_class + dev_per_class
+    ranked = sorted((s for s in by_source if len(by_source[s]) >= need), key=lambda s: -len(by_source[s]))
+    if len(ranked) < 2:
+        raise UserError(f"{corpus}: fewer than two packages have {need} paragraphs for the downstream task; "
+                        "raise --corpus-mb or lower --task-train/--task-dev")
+    chosen = sorted(ranked[:classes])
+    rng = random.Random(seed)
+    train, dev = [], []
+    for label in chosen:
+        picked = rng.sample(by_source[label], need)
+        train += [{"text": t, "label": label} for t in picked[:train_per_class]]
+        dev += [{"text": t, "label": label} for t in picked[train_per_class:]]
+    rng.shuffle(train)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train), ("dev", dev)):
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"classes": chosen, "train": len(train), "dev": len(dev), "chance": 1 / len(chosen)}
 
 
 # ---------------------------------------------------------------------- stages
@@ -201,9 +301,14 @@ def _child_env() -> dict:
 
 def _cli(env: dict, *args) -> None:
     cmd = [sys.executable, "-m", "ds_distil", *map(str, args)]
+    _run_stage(cmd, env)
+
+
+def _run_stage(cmd: list[str], env: dict) -> None:
     result = subprocess.run(cmd, env=env)
     if result.returncode != 0:
-        raise RuntimeError(f"demo stage failed (exit {result.returncode}): {' '.join(cmd)}")
+        raise UserError(f"demo stage failed (exit {result.returncode}): {' '.join(cmd)}; its messages are above. "
+                        "Rerun `make demo` to resume: finished stages are kept")
 
 
 def _train(env: dict, ranks: int, config_path: Path) -> None:
@@ -212,39 +317,33 @@ def _train(env: dict, ranks: int, config_path: Path) -> None:
     if ranks == 1:
         return _cli(env, "train", "--config", config_path)
     env = dict(env, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // ranks)))
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "--module", "ds_distil", "train", "--config", str(config_path)]
-    result = subprocess.run(cmd, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"demo stage failed (exit {result.returncode}): {' '.join(cmd)}")
+    _run_stage([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                "--module", "ds_distil", "train", "--config", str(config_path)], env)
 
 
-def _write_ds_config(path: Path, global_batch: int) -> None:
-    from ds_distil.ds_config import load_ds_config
+def _write_ds_config(path: Path, global_batch: int, ranks: int) -> None:
+    from ds_distil.ds_config import load_ds_config, with_batch_and_lr
 
     shipped = Path(__file__).resolve().parent.parent / "ds_configs" / "cpu_bf16.json"
-    cfg = load_ds_config(shipped)
-    cfg["train_batch_size"] = global_batch
-    cfg["train_micro_batch_size_per_gpu"] = global_batch // 2 if global_batch % 2 == 0 else global_batch
-    cfg.pop("gradient_accumulation_steps", None)
-    path.write_text(json.dumps(cfg, indent=2))
+    micro = global_batch // ranks if global_batch % ranks == 0 else global_batch
+    path.write_text(json.dumps(with_batch_and_lr(load_ds_config(shipped), global_batch=global_batch,
+                                                 micro_batch=micro), indent=2))
 
 
 def _run_config(work: Path, name: str, student, teacher, data, ds, steps: int, lr: float) -> Path:
+    from ds_distil.ds_config import with_batch_and_lr
+
     cfg = {"student": str(student), "teacher": str(teacher) if teacher else None, "data": str(data),
            "deepspeed_config": str(ds), "output_dir": str(work / "runs" / name),
            "loss": {"alpha_ce": 5.0 if teacher else 0.0, "alpha_mlm": 2.0, "alpha_cos": 1.0 if teacher else 0.0},
-           "train": {"max_steps": steps, "log_interval": max(1, steps // 20), "checkpoint_interval": 0,
-                     "warmup_fraction": 0.1, "eval_max_batches": 20, "num_workers": 1}}
+           # Uniform masks for every model: the metric of step 6 is the standard one.
+           "masking": {"smoothing": None},
+           "train": {"max_steps": steps, "log_interval": max(1, steps // 10), "checkpoint_interval": 0,
+                     "warmup_fraction": 0.05, "eval_max_batches": 20, "num_workers": 1}}
     # The learning rate lives in the DeepSpeed JSON: give each run its own copy.
-    ds_cfg = json.loads(Path(ds).read_text())
-    ds_cfg["optimizer"]["params"]["lr"] = lr
-    sched = ds_cfg.get("scheduler", {}).get("params", {})
-    if "warmup_max_lr" in sched:
-        sched["warmup_max_lr"] = lr
     run_ds = work / f"ds_{name}.json"
-    run_ds.write_text(json.dumps(ds_cfg, indent=2))
+    run_ds.write_text(json.dumps(with_batch_and_lr(json.loads(Path(ds).read_text()), lr=lr), indent=2))
     cfg["deepspeed_config"] = str(run_ds)
     path = work / f"run_{name}.json"
     path.write_text(json.dumps(cfg, indent=2))
@@ -264,63 +363,105 @@ def _random_like(student_dir: Path, output: Path) -> None:
 
 # ---------------------------------------------------------------------- evaluation
 
-def evaluate_models(work: Path, data_dir: Path, models: dict) -> dict:
-    """Held-out MLM accuracy / perplexity (fixed masks), parameters and batch-1 CPU latency."""
-    import math
+def evaluate_models(data_dir: Path, models: dict) -> dict:
+    """Held-out MLM accuracy / perplexity, parameters and batch-1 CPU latency of each model.
 
-    import torch
+    Two sets of fixed masks, the same for every model: uniform 15% (80/10/10), the standard
+    metric, and the training recipe's smoothed masks (count^-0.7, rare tokens favoured).
+    """
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     from ds_distil.config import MaskingConfig
     from ds_distil.data import load_prepared, make_eval_loader
     from ds_distil.masking import MaskingCollator
-    from ds_distil.modeling import count_parameters, encode, project
+    from ds_distil.modeling import count_parameters
 
     prepared = load_prepared(data_dir)
     tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
-    collator = MaskingCollator.from_prepared(prepared, tokenizer, seed=0, **dataclasses.asdict(MaskingConfig()))
-    batches = list(make_eval_loader(prepared.validation, collator, 64, num_workers=0))
+    masks = {}
+    for kind, smoothing in (("uniform", None), ("smoothed", MaskingConfig().smoothing)):
+        options = dict(dataclasses.asdict(MaskingConfig()), smoothing=smoothing)
+        collator = MaskingCollator.from_prepared(prepared, tokenizer, seed=0, **options)
+        masks[kind] = list(make_eval_loader(prepared.validation, collator, 64, num_workers=0))
     results = {}
-    for name, path in models.items():
-        model = AutoModelForMaskedLM.from_pretrained(path).eval()
-        nll = hits = n = 0.0
-        with torch.inference_mode():
-            for batch in batches:
-                labels = batch["labels"]
-                rows = (labels != -100).flatten().nonzero().squeeze(1)
-                hidden = encode(model, batch["input_ids"], batch["attention_mask"])
-                logits = project(model, hidden.reshape(-1, hidden.shape[-1])[rows]).float()
-                targets = labels.flatten()[rows]
-                nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-                hits += (logits.argmax(-1) == targets).sum().item()
-                n += len(rows)
-        results[name] = {"parameters": count_parameters(model), "mlm_accuracy": hits / max(n, 1),
-                         "perplexity": math.exp(nll / max(n, 1)),
-                         "latency_ms": _latency_ms(model, prepared.validation)}
-    unigram = _unigram_accuracy(prepared, batches)
+    loaded = {name: AutoModelForMaskedLM.from_pretrained(path).eval() for name, path in models.items()}
+    for name, model in loaded.items():
+        uniform, smoothed = _mlm_scores(model, masks["uniform"]), _mlm_scores(model, masks["smoothed"])
+        results[name] = {"parameters": count_parameters(model), "mlm_accuracy": uniform["accuracy"],
+                         "perplexity": uniform["perplexity"], "mlm_accuracy_smoothed": smoothed["accuracy"],
+                         "perplexity_smoothed": smoothed["perplexity"]}
+    latency = batch1_latency_ms(models, prepared.validation)
+    for name in results:
+        results[name]["latency_ms"] = latency[name]
     return {
         "models": results,
-        "validation_targets": int(n),
-        "unigram_baseline_accuracy": unigram,
-        "student_retention": results["student"]["mlm_accuracy"] / max(results["teacher"]["mlm_accuracy"], 1e-9),
+        "validation_targets": sum(int((b["labels"] != -100).sum()) for b in masks["uniform"]),
+        "unigram_baseline_accuracy": _unigram_accuracy(prepared, masks["uniform"]),
+        "student_mlm_retention": results["student"]["mlm_accuracy"] / max(results["teacher"]["mlm_accuracy"], 1e-9),
         "student_speedup": results["teacher"]["latency_ms"] / results["student"]["latency_ms"],
         "parameter_reduction": 1 - results["student"]["parameters"] / results["teacher"]["parameters"],
     }
 
 
-def _latency_ms(model, validation, n: int = 200) -> float:
-    """Mean batch-1 forward time (full MLM logits, as a user would run it) on the CPU."""
+def _mlm_scores(model, batches) -> dict:
+    import math
+
     import torch
 
-    rows = validation.select(range(min(n, len(validation))))["input_ids"]
-    inputs = [torch.tensor([list(r)], dtype=torch.long) for r in rows]
+    from ds_distil.modeling import encode, project
+
+    nll = hits = n = 0.0
     with torch.inference_mode():
-        for x in inputs[:10]:
-            model(input_ids=x)
-        start = time.perf_counter()
-        for x in inputs:
-            model(input_ids=x)
-    return (time.perf_counter() - start) / len(inputs) * 1000
+        for batch in batches:
+            labels = batch["labels"]
+            rows = (labels != -100).flatten().nonzero().squeeze(1)
+            hidden = encode(model, batch["input_ids"], batch["attention_mask"])
+            logits = project(model, hidden.reshape(-1, hidden.shape[-1])[rows]).float()
+            targets = labels.flatten()[rows]
+            nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+            hits += (logits.argmax(-1) == targets).sum().item()
+            n += len(rows)
+    return {"accuracy": hits / max(n, 1), "perplexity": math.exp(nll / max(n, 1))}
+
+
+def batch1_latency_ms(models: dict, validation, sequences: int = 50, repeats: int = 7) -> dict:
+    """Median batch-1 forward time per sequence of each model as a sequence classifier, on one CPU thread.
+
+    The paper times inference at batch 1 on a CPU; a downstream model runs the encoder and
+    a small head, so that is what is timed. The models take turns in every repeat
+    (interleaved), so a burst of load from another process slows them alike, and the
+    median of the repeats discards the outliers; one thread keeps the timing away from
+    thread scheduling on a shared machine.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized classifier": expected, it is not trained here
+    try:
+        loaded = {n: AutoModelForSequenceClassification.from_pretrained(p, num_labels=2).eval() for n, p in models.items()}
+    finally:
+        hf_logging.set_verbosity(level)
+    rows = validation.select(range(min(sequences, len(validation))))["input_ids"]
+    inputs = [torch.tensor([list(r)], dtype=torch.long) for r in rows]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times: dict[str, list[float]] = {n: [] for n in loaded}
+    try:
+        with torch.inference_mode():
+            for model in loaded.values():  # warm-up
+                for x in inputs[:5]:
+                    model(input_ids=x)
+            for _ in range(repeats):
+                for name, model in loaded.items():
+                    start = time.perf_counter()
+                    for x in inputs:
+                        model(input_ids=x)
+                    times[name].append((time.perf_counter() - start) / len(inputs) * 1000)
+    finally:
+        torch.set_num_threads(threads)
+    return {n: statistics.median(t) for n, t in times.items()}
 
 
 def _unigram_accuracy(prepared, batches) -> float:
@@ -331,13 +472,30 @@ def _unigram_accuracy(prepared, batches) -> float:
     return hits / max(total, 1)
 
 
+def add_downstream(summary: dict, finetune: dict, task: dict) -> dict:
+    """Each model's held-out downstream accuracy (median of seeds) and the student's retention."""
+    for name, result in finetune["models"].items():
+        t = result["tasks"]["docsource"]
+        summary["models"][name]["downstream_accuracy"] = t["metrics"]["validation"]["accuracy"] / 100
+        summary["models"][name]["downstream_seed_scores"] = t["seed_scores"]
+    teacher = summary["models"]["teacher"]["downstream_accuracy"]
+    summary["student_downstream_retention"] = summary["models"]["student"]["downstream_accuracy"] / max(teacher, 1e-9)
+    summary["downstream_task"] = {**task, "protocol": finetune["protocol"]}
+    return summary
+
+
 def format_table(summary: dict) -> str:
-    rows = [f"{'model':<10} {'params':>10} {'MLM acc':>8} {'ppl':>8} {'ms/seq':>8}"]
+    rows = [f"{'model':<10} {'params':>10} {'MLM acc':>8} {'ppl':>8} {'task acc':>9} {'ms/seq':>7}"]
     for name, r in summary["models"].items():
         rows.append(f"{name:<10} {r['parameters']:>10,} {r['mlm_accuracy']:>8.1%} {r['perplexity']:>8.1f} "
-                    f"{r['latency_ms']:>8.2f}")
+                    f"{r['downstream_accuracy']:>9.1%} {r['latency_ms']:>7.2f}")
+    task = summary["downstream_task"]
     rows.append(f"student: {summary['parameter_reduction']:.0%} fewer parameters, "
-                f"{summary['student_speedup']:.2f}x faster (batch 1, CPU), "
-                f"{summary['student_retention']:.0%} of the teacher's MLM accuracy; "
-                f"unigram baseline {summary['unigram_baseline_accuracy']:.1%}")
+                f"{summary['student_speedup']:.2f}x faster (batch 1, 1 CPU thread), "
+                f"{summary['student_downstream_retention']:.0%} of the teacher's downstream accuracy, "
+                f"{summary['student_mlm_retention']:.0%} of its MLM accuracy")
+    rows.append(f"MLM: uniform 15% masks (80/10/10), {summary['validation_targets']:,} held-out targets, "
+                f"unigram baseline {summary['unigram_baseline_accuracy']:.1%}; task: which of "
+                f"{len(task['classes'])} packages a paragraph comes from (chance {task['chance']:.0%}), "
+                f"median of {len(task['protocol']['seeds'])} fine-tuning seeds")
     return "\n".join(rows)

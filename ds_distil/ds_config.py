@@ -313,3 +313,27 @@ def resolve_run_values(cfg: dict, *, total_steps: int, output_dir: str | Path, j
         out["tensorboard"] = {**out["tensorboard"], "output_path": str(Path(output_dir) / "tensorboard"),
                               "job_name": job_name}
     return out
+
+
+def with_batch_and_lr(cfg: dict, *, global_batch: int | None = None, micro_batch: int | None = None,
+                      lr: float | None = None) -> dict:
+    """A copy of ``cfg`` with another global batch, micro-batch and/or peak learning rate.
+
+    The accumulation steps are left to DeepSpeed (derived from the two batch sizes and the
+    world size); the learning rate goes to the optimizer and to the scheduler's peak.
+    """
+    out = copy.deepcopy(cfg)
+    if global_batch is not None:
+        out["train_batch_size"] = int(global_batch)
+        out.pop("gradient_accumulation_steps", None)
+    if micro_batch is not None:
+        out["train_micro_batch_size_per_gpu"] = int(micro_batch)
+        out.pop("gradient_accumulation_steps", None)
+    if lr is not None:
+        out.setdefault("optimizer", {}).setdefault("params", {})["lr"] = float(lr)
+        params = (out.get("scheduler") or {}).get("params")
+        if isinstance(params, dict):
+            for key in ("warmup_max_lr", "max_lr"):  # WarmupLR/WarmupDecayLR, OneCycle-style
+                if key in params:
+                    params[key] = float(lr)
+    return out

@@ -69,7 +69,8 @@ class MetricsWriter:
 
     # Console columns: (key, label, format)
     CONSOLE = (("loss", "loss", ".4f"), ("loss_ce", "ce", ".4f"), ("loss_mlm", "mlm", ".4f"),
-               ("loss_cos", "cos", ".4f"), ("lr", "lr", ".2e"), ("grad_norm", "gnorm", ".3f"),
+               ("loss_cos", "cos", ".4f"), ("loss_task", "task", ".4f"),
+               ("accuracy", "acc", ".1%"), ("lr", "lr", ".2e"), ("grad_norm", "gnorm", ".3f"),
                ("tokens_per_s", "tok/s", ",.0f"), ("teacher_share", "teacher", ".0%"),
                ("peak_mem_gib", "mem GiB", ".2f"))
 

@@ -340,7 +340,10 @@ def test_killed_rank_stops_the_others_and_the_restart_loses_at_most_one_interval
     first, redone = {}, {}
     for r in rows:
         (redone if r["step"] in first else first)[r["step"]] = r["loss"]
-    assert redone and all(redone[s] == first[s] for s in redone), (first, redone)
+    # Exactly the lost steps are redone: none when the kill landed right after a
+    # checkpoint, up to one interval otherwise; whatever the timing, they match.
+    assert sorted(redone) == list(range(resumed_step + 1, min(last_done, 8) + 1)), (first, redone)
+    assert all(redone[s] == first[s] for s in redone), (first, redone)
 
 
 @pytest.mark.distributed
