@@ -37,7 +37,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ds_distil.errors import UserError
+from ds_distil.errors import UserError, require_output_path
 
 FORMULATIONS = ("ds-distil", "reference")
 
@@ -100,6 +100,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Measure, print the table, write the JSON; returns the exit status."""
     settings = resolve_settings(args)
+    if args.json is not None:
+        require_output_path(args.json, "--json", "file")  # before the benchmark runs, not after
+    if settings["precision"] == "fp16" and _device().type == "cpu":
+        raise UserError("--precision fp16: DeepSpeed runs fp16 on GPUs only; use bf16 (the default) on CPUs")
     from ds_distil.distributed import setup_distributed, teardown_distributed
 
     info = setup_distributed()

@@ -315,12 +315,43 @@ def run(args) -> int:
 
 
 def resolve_root(path: str | Path) -> Path:
+    if not str(path).strip():
+        raise UserError("--checkpoint: empty; pass OUTPUT_DIR/checkpoints of a run (or the run's output_dir)")
     root = Path(path)
     if (root / "checkpoints").is_dir():
         root = root / "checkpoints"
     if not root.is_dir():
         raise UserError(f"{path}: checkpoint directory not found; pass OUTPUT_DIR/checkpoints of a run")
     return root
+
+
+def _export_output(output: str | Path, root: Path, force: bool) -> Path:
+    """``--output`` of export, refused before anything loads: a file or a path under one, a
+    non-empty directory without --force, and any directory whose replacement would delete
+    the checkpoints being exported."""
+    from ds_distil.errors import require_output_path
+
+    output = require_output_path(output, "--output", "dir")
+    resolved, source = output.resolve(), root.resolve()
+    if resolved == source or source.is_relative_to(resolved) or resolved.is_relative_to(source):
+        raise UserError(f"--output {output} overlaps the checkpoint directory {root}; write the model outside it "
+                        "(e.g. next to the run's output_dir)")
+    if output.exists() and any(output.iterdir()) and not force:
+        raise UserError(f"--output {output}: exists and is not empty; choose another --output or pass --force")
+    return output
+
+
+def _student_hf(root: Path) -> Path:
+    """The student's HF config + tokenizer saved with the checkpoints (never a hub id)."""
+    hf_dir = root / STUDENT_HF
+    if not (hf_dir / "config.json").is_file():
+        missing = "config.json"
+    elif not any((hf_dir / name).is_file() for name in ("tokenizer.json", "vocab.txt", "vocab.json")):
+        missing = "tokenizer files"
+    else:
+        return hf_dir
+    raise UserError(f"{hf_dir}: missing or incomplete (no {missing}); the run writes it when training starts: "
+                    f"copy the student directory's config.json and tokenizer files into {hf_dir}")
 
 
 def consolidated_state_dict(root: Path, tag: str) -> dict:
@@ -354,26 +385,43 @@ def export(checkpoint: str | Path, output: str | Path, tag: str | None = None, f
     from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
     root = resolve_root(checkpoint)
+    output = _export_output(output, root, force)
+    if tag is not None and (not tag.strip() or Path(tag).name != tag or not (root / tag).is_dir()):
+        tags = complete_tags(root)
+        raise UserError(f"--tag {tag!r}: no such checkpoint in {root}; "
+                        + (f"its complete tags: {', '.join(tags)}" if tags else "it holds no complete checkpoint"))
     tag = tag or latest_complete(root, warn=lambda m: print(m, file=sys.stderr))
     if tag is None:
         raise UserError(f"{root}: no complete checkpoint found; train longer or pass --tag")
-    if not is_complete(root, tag):
-        raise UserError(f"{root / tag}: not a complete checkpoint (no {STATE_FILE}); choose another --tag")
-    output = Path(output)
-    if output.exists() and any(output.iterdir()) and not force:
-        raise UserError(f"{output}: exists and is not empty; choose another --output or pass --force")
-    hf_dir = root / STUDENT_HF
-    config = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
-    with torch.device("meta"):
-        model = AutoModelForMaskedLM.from_config(config)
+    reason = problem(root, tag)
+    if reason is not None:
+        raise UserError(f"{root / tag}: not a complete checkpoint ({reason}); choose another --tag")
+    hf_dir = _student_hf(root)
+    try:
+        config = AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForMaskedLM.from_config(config)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{hf_dir / 'config.json'}: not a usable model config ({_one_line(err)}); copy the "
+                        "student directory's config.json there") from None
     state_dict = consolidated_state_dict(root, tag)
-    model.load_state_dict(state_dict, strict=True, assign=True)
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as err:
+        raise UserError(f"{root / tag}: its weights do not fit {hf_dir / 'config.json'} ({_one_line(err)}); "
+                        "the config there belongs to another student: copy this run's student config.json "
+                        "into it") from None
     model.tie_weights()
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(hf_dir, local_files_only=True).save_pretrained(tmp)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise UserError(f"{hf_dir}: its tokenizer files do not load ({_one_line(err)}); copy the student "
+                            "directory's tokenizer files there") from None
+        tokenizer.save_pretrained(tmp)
         if output.exists():
             shutil.rmtree(output)
         os.replace(tmp, output)
@@ -382,3 +430,8 @@ def export(checkpoint: str | Path, output: str | Path, tag: str | None = None, f
         raise
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     return {"tag": tag, "output": str(output), "parameters": params}
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:300] if text else type(err).__name__

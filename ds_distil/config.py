@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ds_distil.errors import UserError
+from ds_distil.errors import UserError, output_path_problem
 
 
 @dataclass
@@ -92,7 +92,9 @@ class RunConfig:
     output_dir: str
     """Where checkpoints, TensorBoard logs and the resolved config go."""
     teacher: str | None = None
-    """HF directory of the teacher; null = plain MLM pretraining (alpha_ce = alpha_cos = 0)."""
+    """HF directory of the teacher; null = plain MLM pretraining (alpha_ce = alpha_cos = 0).
+    An empty string is refused rather than read as null (it is more often a path that a
+    template left blank than a request to drop the teacher)."""
     resume: str = "auto"
     """"auto" resumes from output_dir's latest complete checkpoint, "never" refuses to
     start over one, or a checkpoint directory/tag path to resume from."""
@@ -208,12 +210,16 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise UserError(f"override {item!r} is not key=value (e.g. train.max_steps=100)")
         key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(part.strip() for part in parts):
+            what = f"key {key!r} has an empty part" if key.strip() else "no key before ="
+            raise UserError(f"override {item!r}: {what}; write KEY=VALUE with a dotted key, e.g. "
+                            "train.max_steps=100 (see --describe-config)")
         try:
             value = json.loads(text)
         except json.JSONDecodeError:
             value = text
         node = raw
-        parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
@@ -240,6 +246,9 @@ def read_run_config(path: str | None, overrides: list[str] = ()) -> tuple[RunCon
             raise UserError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}")
         except (OSError, UnicodeDecodeError) as err:
             raise UserError(f"{path}: cannot read the run config ({err})")
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: a run config is a JSON object {{\"student\": ..., \"data\": ...}}, "
+                            f"not {type(raw).__name__}; see --describe-config")
     raw = apply_overrides(raw, list(overrides))
     problems: list[str] = []
     cfg = _build(RunConfig, raw, "", problems)
@@ -294,12 +303,14 @@ def validate(cfg: RunConfig) -> list[str]:
     if any(f < 0 or f > 1 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         problems.append(f"masking: mask_fraction + random_fraction + keep_fraction = {sum(fractions):g}; "
                         "each must be in [0, 1] and they must sum to 1 (recipe: 0.8/0.1/0.1)")
-    if masking.smoothing is not None and masking.smoothing < 0:
-        problems.append(f"masking.smoothing: {masking.smoothing} must be >= 0 or null")
+    if masking.smoothing is not None and not (math.isfinite(masking.smoothing) and masking.smoothing >= 0):
+        problems.append(f"masking.smoothing: {masking.smoothing} must be a finite number >= 0 or null")
     if train.max_steps is not None and train.max_steps < 1:
         problems.append(f"train.max_steps: {train.max_steps} must be >= 1 (or null to use train.epochs)")
-    if train.epochs is not None and not train.epochs > 0:
-        problems.append(f"train.epochs: {train.epochs} must be > 0")
+    if train.epochs is not None and not (train.epochs > 0 and math.isfinite(train.epochs)):
+        problems.append(f"train.epochs: {train.epochs} must be a finite number > 0")
+    if not 0 <= train.seed < 2**63:
+        problems.append(f"train.seed: {train.seed} must be in [0, 2**63) (the recipe uses 56)")
     if not 0 <= train.warmup_fraction < 1:
         problems.append(f"train.warmup_fraction: {train.warmup_fraction} must be in [0, 1)")
     for name in ("log_interval", "keep_checkpoints"):
@@ -310,16 +321,35 @@ def validate(cfg: RunConfig) -> list[str]:
             problems.append(f"train.{name}: {getattr(train, name)} must be >= 0")
     if train.max_consecutive_skips < 1:
         problems.append(f"train.max_consecutive_skips: {train.max_consecutive_skips} must be >= 1")
-    if not train.collective_timeout_s > 0:
-        problems.append(f"train.collective_timeout_s: {train.collective_timeout_s} must be > 0")
-    if cfg.resume not in ("auto", "never", None) and not Path(cfg.resume).exists():
+    if not 0 < train.collective_timeout_s <= MAX_TIMEOUT_S:
+        problems.append(f"train.collective_timeout_s: {train.collective_timeout_s} must be > 0 and at most "
+                        f"{MAX_TIMEOUT_S:.0e} seconds")
+    if cfg.resume is not None and not cfg.resume.strip():
+        problems.append("resume: empty; use \"auto\", \"never\" or a checkpoint path")
+    elif cfg.resume not in ("auto", "never", None) and not Path(cfg.resume).exists():
         problems.append(f"resume: {cfg.resume} does not exist; use \"auto\", \"never\" or a checkpoint path")
     for name in PATH_FIELDS:
         value = getattr(cfg, name)
-        if value is not None and not Path(value).exists():
+        if value is not None and not value.strip():
+            problems.append(EMPTY_PATH[name])
+        elif value is not None and not Path(value).exists():
             problems.append(f"{name}: {value} does not exist; check the path (relative paths start "
                             "from the current directory)")
+    if cfg.output_dir is not None:
+        problems += filter(None, [output_path_problem(cfg.output_dir, "output_dir", "dir")])
     return problems
+
+
+# Longest collective timeout: torch keeps it as a timedelta in milliseconds.
+MAX_TIMEOUT_S = 1e8
+
+EMPTY_PATH = {
+    "student": "student: empty; give the student's directory (made by ds-distil init-student)",
+    "data": "data: empty; give the directory made by ds-distil prepare",
+    "deepspeed_config": "deepspeed_config: empty; give a DeepSpeed JSON (see ds_configs/)",
+    "teacher": "teacher: empty string; give the teacher's directory, or null for plain MLM pretraining "
+               "(with loss.alpha_ce=0 and loss.alpha_cos=0)",
+}
 
 
 # ---------------------------------------------------------------------------- preflight
@@ -327,46 +357,76 @@ def validate(cfg: RunConfig) -> list[str]:
 def preflight(cfg: RunConfig, world_size: int, accelerator=None) -> list[str]:
     """Problems with the inputs a run config names, found before any model loads.
 
+    Everything a start would refuse before its first step, short of loading weights: the
+    DeepSpeed JSON (schema, batch, precision, optimizer and scheduler), the models'
+    config.json (architecture, positions, vocabulary) and the headers of their weight
+    files, tokenizers, the prepared data (intact, non-empty splits, at least one global
+    batch), the run length against the warm-up, and the checkpoint to resume from.
     Inputs already reported missing by :func:`validate` are skipped; each problem names
     its file, key and value and says how to fix it.
     """
-    problems = deepspeed_problems(cfg, world_size, accelerator)
+    ds, problems = _deepspeed(cfg, world_size, accelerator)
+    models, found = model_problems(cfg)
+    problems += found
     student_tokenizer = None
-    if _exists(cfg.student):
-        student_tokenizer, found = _tokenizer(cfg.student, "student")
+    if _exists(cfg.student) and _read_model_config(cfg.student, "student")[0] is not None:
+        student_tokenizer, found = _tokenizer(cfg.student, "student")  # it reads config.json too
         problems += found
-    problems += pair_problems(cfg, student_tokenizer)
+    problems += pair_problems(cfg, student_tokenizer, models)
+    meta = None
     if _exists(cfg.data):
-        problems += data_problems(cfg.data, student_tokenizer)
-    if cfg.resume not in ("auto", "never", None) and Path(cfg.resume).exists():
-        problems += resume_problems(cfg.resume)
+        meta, found = _prepared_data(cfg.data, student_tokenizer)
+        problems += found
+    if meta is not None:
+        problems += positions_problems(cfg, meta, models)
+        if ds is not None:
+            problems += run_length_problems(cfg, ds, meta, world_size)
+    problems += resume_problems(cfg, models.get("student"))
     return problems
 
 
 def _exists(path: str | None) -> bool:
-    return path is not None and Path(path).exists()
+    return isinstance(path, str) and bool(path.strip()) and Path(path).exists()
 
 
 def deepspeed_problems(cfg: RunConfig, world_size: int, accelerator=None) -> list[str]:
     """The DeepSpeed JSON: syntax, keys removed in 0.19.x, DeepSpeed's own schema, the batch
-    arithmetic at ``world_size`` ranks, the precision on this device, the overflow checks."""
+    arithmetic at ``world_size`` ranks, the precision on this device, the overflow checks,
+    the optimizer and scheduler names and parameter types."""
+    return _deepspeed(cfg, world_size, accelerator)[1]
+
+
+def _deepspeed(cfg: RunConfig, world_size: int, accelerator=None) -> tuple[dict | None, list[str]]:
+    """(the DeepSpeed JSON when it loads, its problems)."""
     from ds_distil import ds_config
 
     path = cfg.deepspeed_config
     if not _exists(path):
-        return []
+        return None, []
+    if Path(path).is_dir():
+        return None, [f"deepspeed_config: {path} is a directory; give the DeepSpeed JSON file (see ds_configs/)"]
     try:
         ds = ds_config.load_ds_config(path)
     except UserError as err:
-        return err.problems
-    problems = []
+        return None, err.problems
+    except (AttributeError, TypeError):
+        # ds_config's own checks assume the optimizer/scheduler blocks are objects.
+        found = _block_shape_problems(path)
+        return None, found or [f"{path}: not a DeepSpeed config ds-distil can read: compare it with ds_configs/"]
+    problems = top_level_problems(ds, path)
+    if problems:
+        return None, problems  # DeepSpeed's own parser would fail on them with a TypeError
     for check in (lambda: ds_config.validate_with_deepspeed(ds, world_size, source=path),
                   lambda: ds_config.check_precision_supported(ds, path, accelerator)):
         try:
             check()
         except UserError as err:
             problems += err.problems
-    return problems + overflow_check_problems(ds, path)
+        except Exception as err:  # noqa: BLE001 - DeepSpeed's parser raises anything on odd input
+            problems.append(f"{path}: DeepSpeed cannot read this config ({type(err).__name__}: {_first_line(err)}); "
+                            "compare it with ds_configs/")
+    problems += overflow_check_problems(ds, path) + optimizer_problems(ds, path) + scheduler_problems(ds, path)
+    return ds, problems
 
 
 def overflow_check_problems(ds: dict, source: str) -> list[str]:
@@ -391,6 +451,182 @@ def overflow_check_problems(ds: dict, source: str) -> list[str]:
     return []
 
 
+# Optimizer parameters that DeepSpeed consumes itself before it builds a torch optimizer.
+_DS_ADAM_KEYS = ("torch_adam", "adam_w_mode", "fp32_optimizer_states", "foreach")
+# Scheduler parameters that may be strings: ds-distil's "auto" and the warm-up curve.
+_SCHEDULER_STRINGS = {"warmup_num_steps": ("auto",), "total_num_steps": ("auto",),
+                      "warmup_type": ("linear", "log")}
+
+
+def _block(ds: dict, name: str, source: str) -> tuple[dict | None, list[str]]:
+    """(the ``optimizer``/``scheduler`` block with a ``type`` and a params dict, problems)."""
+    block = ds.get(name)
+    if block is None:
+        return None, []
+    if not isinstance(block, dict):
+        return None, [f"{source}: {name}: expected an object {{\"type\": ..., \"params\": {{...}}}}, "
+                      f"got {json.dumps(block)}"]
+    kind = block.get("type")
+    if not isinstance(kind, str) or not kind.strip():
+        return None, [f"{source}: {name}.type: missing or not a name (got {json.dumps(kind)}); "
+                      f"e.g. {'AdamW' if name == 'optimizer' else 'WarmupDecayLR'} (see ds_configs/)"]
+    params = block.get("params", {})
+    if not isinstance(params, dict):
+        return None, [f"{source}: {name}.params: expected an object, got {json.dumps(params)}"]
+    return block, []
+
+
+# Top-level blocks that must be JSON objects, and scalars DeepSpeed uses without checking
+# their type (a string "5" for gradient_clipping fails at the first step).
+OBJECT_BLOCKS = ("optimizer", "scheduler", "fp16", "bf16", "bfloat16", "torch_autocast", "data_types",
+                 "zero_optimization", "activation_checkpointing", "flops_profiler", "checkpoint", "tensorboard",
+                 "wandb", "csv_monitor", "comet", "aio")
+NUMBERS = {"gradient_clipping": (float, 0, "a number >= 0 (the recipe clips at 5.0)"),
+           "steps_per_print": (int, 1, "an integer >= 1"),
+           "gradient_predivide_factor": (float, 1e-12, "a number > 0")}
+FLAGS = ("prescale_gradients", "wall_clock_breakdown", "memory_breakdown", "zero_allow_untested_optimizer",
+         "zero_force_ds_cpu_optimizer", "dataloader_drop_last", "dump_state")
+
+
+def top_level_problems(ds: dict, source: str) -> list[str]:
+    """Blocks that are not objects, and numbers or flags of the wrong type, at the top level."""
+    problems = []
+    for key in OBJECT_BLOCKS:
+        if key in ("optimizer", "scheduler"):
+            problems += _block(ds, key, source)[1]
+        elif key in ds and not isinstance(ds[key], dict):
+            example = f" (e.g. \"{key}\": {{\"enabled\": true}})" if key in ("fp16", "bf16", "bfloat16") else ""
+            problems.append(f"{source}: {key}: expected an object {{...}}, got {json.dumps(ds[key])}{example}; "
+                            "see ds_configs/")
+    for key, (kind, low, what) in NUMBERS.items():
+        value = ds.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+        if not ok or not value >= low or (kind is float and not math.isfinite(value)):
+            problems.append(f"{source}: {key}: {json.dumps(value)} must be {what}")
+    for key in FLAGS:
+        if key in ds and not isinstance(ds[key], bool):
+            problems.append(f"{source}: {key}: {json.dumps(ds[key])} must be true or false (without quotes)")
+    return problems
+
+
+def _block_shape_problems(path: str) -> list[str]:
+    """Problems of the optimizer and scheduler blocks of an otherwise readable DeepSpeed JSON."""
+    try:
+        ds = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(ds, dict):
+        return []
+    return [p for name in ("optimizer", "scheduler") for p in _block(ds, name, path)[1]]
+
+
+def _string_params(params: dict, name: str, source: str, allowed: dict) -> list[str]:
+    """Parameters given as strings (or lists of strings) where DeepSpeed needs numbers."""
+    problems = []
+    for key, value in params.items():
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, str) and item not in allowed.get(key, ()):
+                try:
+                    float(item)
+                    fix = "write the number without quotes"
+                except ValueError:
+                    fix = ("use one of " + ", ".join(map(json.dumps, allowed[key]))) if key in allowed \
+                        else "give a number"
+                problems.append(f"{source}: {name}.params.{key}: {json.dumps(value)} is a string; {fix}")
+                break
+    return problems
+
+
+def optimizer_problems(ds: dict, source: str) -> list[str]:
+    """The optimizer block: present, a type DeepSpeed 0.19.8 builds, parameters it accepts.
+
+    Torch optimizers (``torch_adam``, or a ``torch.optim`` class name) are built once on a
+    dummy parameter, so a misspelt or out-of-range parameter is caught here.
+    """
+    import torch
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    if "optimizer" not in ds:
+        return [f"{source}: no optimizer block: the student would never be updated; add one, e.g. \"optimizer\": "
+                "{\"type\": \"AdamW\", \"params\": {\"lr\": 5e-4, \"torch_adam\": true}} (see ds_configs/)"]
+    block, problems = _block(ds, "optimizer", source)
+    if block is None:
+        return problems
+    kind, params = block["type"], block.get("params", {})
+    torch_class = getattr(torch.optim, kind, None)
+    torch_class = torch_class if isinstance(torch_class, type) and issubclass(torch_class, torch.optim.Optimizer) \
+        else None
+    if kind.lower() not in DEEPSPEED_OPTIMIZERS and torch_class is None:
+        return [f"{source}: optimizer.type {kind!r} is not an optimizer DeepSpeed knows: use AdamW (the recipe's, "
+                "see ds_configs/), Adam, Lamb, Lion or Adagrad, or a torch.optim class name such as SGD"]
+    problems = _string_params(params, "optimizer", source, {})
+    if problems:
+        return problems
+    if kind.lower() in ("adam", "adamw") and params.get("torch_adam"):
+        w_mode = kind.lower() == "adamw" or params.get("adam_w_mode", True)
+        torch_class = torch.optim.AdamW if w_mode else torch.optim.Adam
+        params = {k: v for k, v in params.items() if k not in _DS_ADAM_KEYS}
+    elif kind.lower() in DEEPSPEED_OPTIMIZERS:
+        return []  # DeepSpeed's own kernels: built at start only (some compile)
+    try:
+        torch_class([torch.zeros(1, requires_grad=True)], **params)
+    except Exception as err:  # noqa: BLE001 - torch raises TypeError, ValueError...
+        return [f"{source}: optimizer {kind} rejects optimizer.params ({_first_line(err)}); fix optimizer.params "
+                "(the names and ranges of torch.optim." + torch_class.__name__ + ")"]
+    return []
+
+
+def scheduler_problems(ds: dict, source: str) -> list[str]:
+    """The scheduler block: a type DeepSpeed 0.19.8 knows and no string where a number goes
+    (the parameters are tried against the run length in :func:`run_length_problems`)."""
+    import torch
+    from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
+
+    block, problems = _block(ds, "scheduler", source)
+    if block is None:
+        return problems
+    kind = block["type"]
+    if kind not in VALID_LR_SCHEDULES and not isinstance(getattr(torch.optim.lr_scheduler, kind, None), type):
+        return [f"{source}: scheduler.type {kind!r} is not a scheduler DeepSpeed knows: use "
+                f"{', '.join(VALID_LR_SCHEDULES)} (ds_configs/ use WarmupDecayLR), or a torch.optim.lr_scheduler "
+                "class name"]
+    return _string_params(block.get("params", {}), "scheduler", source, _SCHEDULER_STRINGS)
+
+
+def _scheduler_build_problems(resolved: dict, source: str) -> list[str]:
+    """Build the scheduler DeepSpeed would build, around a dummy optimizer, and take one step."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+
+    block = resolved.get("scheduler")
+    if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+        return []
+    kind, params = block["type"], block.get("params", {})
+    cls = getattr(lr_schedules, kind) if kind in lr_schedules.VALID_LR_SCHEDULES else \
+        getattr(torch.optim.lr_scheduler, kind)
+    from deepspeed.utils import logger
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    level = logger.level
+    logger.setLevel("ERROR")  # a scheduler read before its first step warns: this one is a dummy
+    try:
+        cls(optimizer, **params).step()
+    except Exception as err:  # noqa: BLE001 - the schedulers raise TypeError, ValueError, KeyError...
+        return [f"{source}: scheduler {kind} rejects scheduler.params ({_first_line(err)}); fix scheduler.params "
+                "(see ds_configs/ for WarmupDecayLR's)"]
+    finally:
+        logger.setLevel(level)
+    return []
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
 def _read_model_config(directory: str, role: str) -> tuple[dict | None, list[str]]:
     """``config.json`` of a model directory, or a problem naming it."""
     path = Path(directory) / "config.json"
@@ -407,20 +643,46 @@ def _read_model_config(directory: str, role: str) -> tuple[dict | None, list[str
     return config, []
 
 
+def model_problems(cfg: RunConfig) -> tuple[dict, list[str]]:
+    """({role: config.json} of the student and teacher ds-distil can use, problems).
+
+    Reads config.json (the architecture must be one the trainer supports) and only the
+    headers of the weight files (present, not truncated, shapes that fit config.json,
+    compared with the model built on the meta device); no tensor is loaded. A model of
+    an unsupported architecture or without usable weight files is left out of the
+    returned configs, so that the pair checks do not report a consequence of it (a GPT-2
+    teacher is "unsupported", not "another width"); one whose weights do not fit its
+    config.json stays in, since its config.json is what the pair checks compare.
+    """
+    from ds_distil.modeling import architecture_problem, weights_problem, weights_shape_problem
+
+    models, problems = {}, []
+    for role in ("student", "teacher"):
+        directory = getattr(cfg, role)
+        if not _exists(directory):
+            continue
+        config, found = _read_model_config(directory, role)
+        if config is not None:
+            problem = architecture_problem(config, Path(directory) / "config.json") or weights_problem(directory)
+            found = [f"{role}: {problem}"] if problem else []
+            if not problem:
+                models[role] = config  # its config.json is good for the pair checks
+                shapes = weights_shape_problem(directory)
+                found = [f"{role}: {shapes}"] if shapes else []
+        problems += found
+    return models, problems
+
+
 def _width(config: dict):
     return config.get("hidden_size", config.get("dim"))
 
 
-def pair_problems(cfg: RunConfig, student_tokenizer=None) -> list[str]:
+def pair_problems(cfg: RunConfig, student_tokenizer=None, models: dict | None = None) -> list[str]:
     """Teacher and student disagree: vocabulary, tokenizer, or widths when L_cos is on."""
-    student = teacher = None
     problems = []
-    if _exists(cfg.student):
-        student, found = _read_model_config(cfg.student, "student")
-        problems += found
-    if cfg.teacher is not None and _exists(cfg.teacher):
-        teacher, found = _read_model_config(cfg.teacher, "teacher")
-        problems += found
+    if models is None:
+        models, problems = model_problems(cfg)
+    student, teacher = models.get("student"), models.get("teacher")
     if student is None or teacher is None:
         return problems
     fix = f"build the student from this teacher: ds-distil init-student --teacher {cfg.teacher}"
@@ -444,6 +706,13 @@ def _tokenizer(directory: str, role: str):
     """(tokenizer, problems) of a model directory; AutoTokenizer reads small files only."""
     from transformers import AutoTokenizer
 
+    if not Path(directory).is_dir():
+        return None, []  # reported by model_problems (no config.json)
+    if not _has_tokenizer_files(directory):
+        # AutoTokenizer would build some default tokenizer instead of failing.
+        return None, [f"{role}: {directory} has no tokenizer files (tokenizer.json, vocab.txt or vocab.json): "
+                      + ("copy the teacher's tokenizer files into it (ds-distil init-student copies them)"
+                         if role == "student" else "save the teacher's tokenizer there (tokenizer.save_pretrained)")]
     try:
         return AutoTokenizer.from_pretrained(directory, local_files_only=True), []
     except Exception as err:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError...
@@ -465,28 +734,193 @@ def _tokenizer_pair_problems(student, cfg: RunConfig, fix: str) -> list[str]:
 
 
 def data_problems(data_dir: str, tokenizer) -> list[str]:
-    """Prepared data: readable, intact (every split opens with its recorded row count),
-    and tokenised by the student's tokenizer."""
+    """Prepared data: readable, intact (every split opens with its recorded row count, none
+    empty), and tokenised by the student's tokenizer."""
+    return _prepared_data(data_dir, tokenizer)[1]
+
+
+def _prepared_data(data_dir: str, tokenizer) -> tuple[dict | None, list[str]]:
+    """(meta.json of the prepared data when it is usable, its problems)."""
     from ds_distil import data
 
+    found = empty_split_problems(data_dir)
+    if found:
+        return None, found
     try:
         prepared = data.load_prepared(data_dir)
         if tokenizer is not None:
             data.check_tokenizer_matches(prepared.meta, tokenizer, data_dir)
     except UserError as err:
-        return [f"data: {p}" for p in err.problems]
-    return []
+        return None, [f"data: {p}" for p in err.problems]
+    return prepared.meta, []
 
 
-def resume_problems(resume: str) -> list[str]:
-    """A checkpoint named by ``resume`` must be complete (``auto`` falls back instead)."""
+def empty_split_problems(data_dir: str) -> list[str]:
+    """Empty training or validation splits, from meta.json and the Arrow files' row counts.
+
+    Found before ``datasets`` opens the data (it fails on an empty split with an
+    IndexError); anything else wrong with the directory is left to ``load_prepared``.
+    """
+    meta_file = Path(data_dir) / "meta.json"
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        recorded = {name: meta["splits"][name]["sequences"] for name in ("train", "validation")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    problems = []
+    for name, expected in recorded.items():
+        rows = _arrow_rows(Path(data_dir) / name)
+        if rows is None or rows > 0 or not isinstance(expected, int):
+            continue
+        where = f"data: {Path(data_dir) / name}"
+        if expected > 0:
+            problems.append(f"{where}: holds 0 sequences but meta.json records {expected} (a truncated or replaced "
+                            "file): prepare it again (ds-distil prepare --force)")
+        elif name == "train":
+            problems.append(f"{where}: the training split is empty (0 sequences): prepare the data again from a "
+                            "corpus with text (ds-distil prepare --force)")
+        else:
+            problems.append(f"{where}: the validation split is empty (0 sequences), and training ends with an "
+                            "evaluation on it: prepare the data again with --validation-fraction above 0 (e.g. 0.01)")
+    return problems
+
+
+def _arrow_rows(split_dir: Path) -> int | None:
+    """Rows in a saved split's Arrow files (their record batches, memory-mapped), None if unreadable."""
+    import pyarrow as pa
+
+    try:
+        state = json.loads((split_dir / "state.json").read_text(encoding="utf-8"))
+        rows = 0
+        for entry in state["_data_files"]:
+            with pa.memory_map(str(split_dir / entry["filename"])) as source:
+                rows += sum(batch.num_rows for batch in pa.ipc.open_stream(source))
+        return rows
+    except Exception:  # noqa: BLE001 - a damaged split is load_prepared's to report, with its own message
+        return None
+
+
+def positions_problems(cfg: RunConfig, meta: dict, models: dict) -> list[str]:
+    """The prepared sequences must fit each model's position embeddings and vocabulary."""
+    from ds_distil.modeling import max_positions
+
+    longest = meta.get("max_seq_len")
+    vocab = (meta.get("tokenizer") or {}).get("vocab_size")
+    short, small = [], []
+    for role, config in models.items():
+        limit, size = max_positions(config), config.get("vocab_size")
+        if isinstance(longest, int) and limit is not None and longest > limit:
+            short.append((limit, f"{role} {getattr(cfg, role)} has {limit}"))
+        if isinstance(vocab, int) and isinstance(size, int) and not isinstance(size, bool) and vocab > size:
+            small.append(f"{role} {getattr(cfg, role)} has vocab_size {size}")
+    problems = []
+    if short:  # one line for both models: one fix serves them
+        models_text = " and ".join(text for _, text in short)
+        problems.append(f"data: {cfg.data} was prepared with max_seq_len {longest}, but {models_text} "
+                        f"positions (max_position_embeddings in config.json): prepare the data again with "
+                        f"--max-seq-len {min(n for n, _ in short)} or less")
+    if small:
+        problems.append(f"data: {cfg.data} holds token ids up to {vocab - 1}, but {' and '.join(small)}: use models of "
+                        "this tokenizer, or prepare the data with the models' own tokenizer")
+    return problems
+
+
+def run_length_problems(cfg: RunConfig, ds: dict, meta: dict, world_size: int) -> list[str]:
+    """At least one global batch in the training split; the warm-up inside the run; the
+    scheduler built as DeepSpeed will build it, with the run's values filled in."""
+    from ds_distil import ds_config
+
+    source = cfg.deepspeed_config
+    try:
+        batch = ds_config.batch_arithmetic(ds, world_size, source=source)
+    except (UserError, ValueError):
+        return []  # reported by deepspeed_problems
+    sequences = ((meta.get("splits") or {}).get("train") or {}).get("sequences")
+    if not isinstance(sequences, int):
+        return []
+    steps_per_epoch = sequences // batch["global_batch"]
+    if steps_per_epoch == 0:
+        return [f"{source}: train_batch_size={batch['global_batch']} is larger than the training split "
+                f"({sequences} sequences in {Path(cfg.data) / 'train'}): lower train_batch_size or prepare more data"]
+    total = cfg.train.max_steps or max(1, math.floor((cfg.train.epochs or 3) * steps_per_epoch))
+    try:
+        resolved = ds_config.resolve_run_values(ds, total_steps=total, output_dir=cfg.output_dir or ".",
+                                                job_name="train", warmup_fraction=cfg.train.warmup_fraction,
+                                                source=source)
+    except UserError as err:
+        return err.problems
+    except (TypeError, ValueError):
+        return []  # a parameter of the wrong type: reported by scheduler_problems
+    params = (ds.get("scheduler") or {}).get("params") if isinstance(ds.get("scheduler"), dict) else None
+    warmup = params.get("warmup_num_steps") if isinstance(params, dict) else None
+    if isinstance(warmup, (int, float)) and not isinstance(warmup, bool) and warmup > total:
+        return [f"{source}: scheduler.params.warmup_num_steps={warmup} is longer than the run ({total} steps): "
+                "the learning rate would still be warming up at the end; lower it, or set it to \"auto\" "
+                f"(train.warmup_fraction of the run, now {cfg.train.warmup_fraction})"]
+    if scheduler_problems(ds, source):
+        return []
+    return _scheduler_build_problems(resolved, source)
+
+
+# Config keys that fix a model's tensor shapes: a checkpoint only loads into a student
+# that agrees on all of them.
+SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "dim", "num_hidden_layers", "n_layers",
+              "num_attention_heads", "n_heads", "intermediate_size", "hidden_dim", "max_position_embeddings",
+              "type_vocab_size")
+
+
+def resume_problems(cfg: RunConfig, student_config: dict | None = None) -> list[str]:
+    """The checkpoint a start would resume from: complete (when named explicitly), allowed
+    (``resume=never``) and written for this student (else DeepSpeed fails to load it)."""
     from ds_distil import checkpoint
 
-    root, tag = checkpoint.resolve_resume(resume, warn=lambda _: None)
-    if tag is None:
-        return [f"resume: {resume} holds no complete checkpoint; name a checkpoint directory or tag, or use \"auto\""]
+    own = Path(cfg.output_dir) / "checkpoints" if _exists(cfg.output_dir) and Path(cfg.output_dir).is_dir() else None
+    if cfg.resume == "never":
+        if own is not None and checkpoint.complete_tags(own):
+            return [f"resume: \"never\", but {own} holds checkpoints; choose another output_dir or set resume=auto"]
+        return []
+    if cfg.resume == "auto":
+        if own is None:
+            return []
+        root, tag, key = own, checkpoint.latest_complete(own, warn=lambda _: None), "output_dir"
+        if tag is None:
+            return []
+    else:
+        if not _exists(cfg.resume):
+            return []  # reported by validate
+        root, tag = checkpoint.resolve_resume(cfg.resume, warn=lambda _: None)
+        key = "resume"
+        if tag is None:
+            return [f"resume: {cfg.resume} holds no complete checkpoint; name a checkpoint directory or tag, "
+                    "or use \"auto\""]
+        try:
+            checkpoint.read_state(root, tag)
+        except UserError as err:
+            return [f"resume: {p}" for p in err.problems]
+    return _other_student_problems(root, tag, cfg, student_config, key)
+
+
+def _other_student_problems(root: Path, tag: str, cfg: RunConfig, student: dict | None, key: str) -> list[str]:
+    """A checkpoint whose student (``student_hf/config.json``) has other shapes than ``cfg.student``."""
+    from ds_distil import checkpoint
+
+    saved_file = Path(root) / checkpoint.STUDENT_HF / "config.json"
+    if student is None or not saved_file.is_file():
+        return []
     try:
-        checkpoint.read_state(root, tag)
-    except UserError as err:
-        return [f"resume: {p}" for p in err.problems]
-    return []
+        saved = json.loads(saved_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return []
+    if not isinstance(saved, dict):
+        return []
+    differ = [k for k in SHAPE_KEYS if saved.get(k) != student.get(k)]
+    if not differ:
+        return []
+    what = ", ".join(f"{k} {json.dumps(saved.get(k))} there, {json.dumps(student.get(k))} here" for k in differ[:3])
+    where = Path(root) / tag
+    if key == "output_dir":
+        return [f"output_dir: {cfg.output_dir} holds checkpoints of another student ({where}: {what}), which "
+                f"student {cfg.student} cannot resume from: choose another output_dir for this student (the "
+                "checkpoints there are intact)"]
+    return [f"resume: {where} is a checkpoint of another student ({what}) than {cfg.student}: name a checkpoint "
+            "of this student, or resume=auto with another output_dir"]

@@ -1,18 +1,29 @@
 """Prepare a corpus for distillation: tokenise it with the teacher's tokenizer into an Arrow dataset.
 
-Inputs: plain text files (one sequence per line, blank lines skipped), directories of
-them, JSON Lines files with a "text" field, and datasets saved with save_to_disk that
-have a "text" column. Each line is tokenised with the teacher's fast tokenizer, wrapped
-in its special tokens ([CLS] ... [SEP] or <s> ... </s>), cut into near-equal chunks
-that each fit when longer than the maximum length, and dropped when 11 tokens or fewer
-or at least half unknown tokens; the counts are reported.
+Inputs (read by ds_distil/readers.py): plain text, JSON Lines, CSV/TSV (compressed with
+gzip, bzip2, xz or zstd or not), parquet and Arrow files, directories of them, dataset
+repositories downloaded from the hub, and datasets saved with save_to_disk.
+
+Sequences (``--unit``): ``line`` wraps every line in the tokenizer's special tokens ([CLS]
+... [SEP] or <s> ... </s>) and cuts a line longer than the maximum into the fewest
+near-equal chunks (the reference's behaviour); ``document`` packs consecutive lines of one
+document (a text file's blank-line-separated block, or one record of any other format)
+into sequences close to the maximum length, never across documents. Sequences of 11
+tokens or fewer and those at least half unknown tokens are dropped; ``--dedup`` removes
+exact duplicate lines first (within each shard when sharded). Every count and the fill
+ratio (real tokens / (sequences x maximum length)) are reported.
 
 Output: a datasets DatasetDict (train and validation splits, memory-mapped on read, so
 every rank of every node shares the page cache), token_counts.npy (counts over the
 training split, for masking smoothing) and meta.json (tokenizer fingerprint, special
-token ids, lengths, counts). It is written to a temporary directory and renamed into
-place when complete. Tokenisation is cached: running again on the same inputs and
+token ids, options, lengths, counts). It is written to a temporary directory and renamed
+into place when complete. Tokenisation is cached: running again on the same inputs and
 tokenizer reuses it.
+
+Scale: ``--shard I/N`` prepares the I-th of N deterministic shards of the inputs (whole
+files, sizes balanced), so N machines or SLURM array tasks work in parallel; ``--merge
+SHARD_DIR...`` checks that the shards agree (tokenizer, options, inputs, all N present)
+and concatenates them by hard-linking their Arrow files: the result equals a one-shot run.
 """
 
 from __future__ import annotations
@@ -23,27 +34,34 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ds_distil import __version__
-from ds_distil.errors import UserError
+from ds_distil import __version__, readers
+from ds_distil.errors import UserError, require_output_path
+from ds_distil.readers import (FileScan, InputFile, collect_inputs, input_identity, is_blank, line_hash, log,
+                               split_lines, stable_hash, text_hash, warn)
+
+__all__ = ["FileScan", "InputFile", "collect_inputs", "input_identity", "prepare_corpus", "merge_prepared",
+           "load_prepared", "check_tokenizer_matches", "make_train_loader", "make_eval_loader"]
 
 FORMAT = "ds-distil-prepared"
 FORMAT_VERSION = 1
 # Bump when the tokenisation code changes what it writes: old cache entries then stop matching.
-TOKENISE_VERSION = 1
-JSONL_SUFFIXES = (".jsonl", ".json")
-SCAN_BLOCK = 16 << 20  # bytes read at once when checking UTF-8
-MAX_REPORTED_LINES = 5  # bad line numbers named per file
+TOKENISE_VERSION = 2
+UNITS = ("line", "document")
+NOTE_CHARS = 80  # characters of a dropped line kept as an example for the report
+MAX_EXAMPLES = 2
 
 # Row status written by the tokenisation pass (dropped rows keep no token ids).
-KEPT, BLANK, TOO_SHORT, MOSTLY_UNKNOWN = 0, 1, 2, 3
+KEPT, BLANK, TOO_SHORT, MOSTLY_UNKNOWN, DUPLICATE = 0, 1, 2, 3, 4
+# Options every shard of one corpus must share (checked by --merge).
+SHARED_OPTIONS = ("max_seq_len", "min_tokens", "validation_fraction", "seed", "unit", "text_column", "dedup",
+                  "token_dtype", "tokenise_version")
 
 # Model types whose position ids start after the padding index (max length = positions - pad - 1).
 ROBERTA_LIKE = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm",
@@ -56,20 +74,35 @@ ROBERTA_LIKE = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "robert
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``ds-distil prepare``."""
-    parser.add_argument("--tokenizer", required=True, metavar="DIR",
+    parser.add_argument("--tokenizer", metavar="DIR",
                         help="the teacher's directory (or any directory holding its fast tokenizer)")
-    parser.add_argument("--input", required=True, nargs="+", metavar="PATH",
-                        help="text files (one sequence per line), directories of them, .jsonl files with a "
-                             "'text' field, or datasets saved with save_to_disk")
+    parser.add_argument("--input", nargs="+", metavar="PATH",
+                        help="text (one sequence per line), JSON Lines, CSV/TSV (plain or .gz/.bz2/.xz/.zst), parquet "
+                             "or Arrow files, directories of them, dataset repositories downloaded from the hub, or "
+                             "datasets saved with save_to_disk")
     parser.add_argument("--output", required=True, metavar="DIR", help="directory to write the prepared data to")
+    parser.add_argument("--unit", choices=UNITS, default="line",
+                        help="line: one line is one sequence, cut when too long (default, the reference's); "
+                             "document: pack consecutive lines of a document into sequences close to --max-seq-len")
+    parser.add_argument("--text-column", default="text", metavar="NAME",
+                        help="column (field) holding the text in JSON Lines, CSV, parquet, Arrow and saved inputs "
+                             "(default: text)")
+    parser.add_argument("--dedup", action="store_true",
+                        help="remove exact duplicate lines (surrounding whitespace ignored), keeping the first "
+                             "(with --shard: within each shard)")
     parser.add_argument("--max-seq-len", type=int, default=None, metavar="N",
                         help="tokens per sequence, special tokens included (default: the model's maximum)")
     parser.add_argument("--num-proc", type=int, default=1, metavar="N", help="tokenising processes (default 1)")
     parser.add_argument("--validation-fraction", type=float, default=0.01, metavar="F",
-                        help="share of the lines held out for validation (default 0.01)")
+                        help="share of the lines (documents) held out for validation (default 0.01)")
     parser.add_argument("--min-tokens", type=int, default=12, metavar="N",
                         help="drop sequences shorter than this, special tokens included (default 12)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation split (default 0)")
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help="prepare only the I-th of N deterministic shards of the inputs (0 <= I < N; whole "
+                             "files), to merge later with --merge")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="SHARD_DIR",
+                        help="merge the outputs of --shard I/N runs (all N) into --output instead of preparing")
     parser.add_argument("--cache-dir", default=None, metavar="DIR",
                         help="where the datasets cache lives (default: $HF_DATASETS_CACHE/ds_distil); "
                              "safe to delete, it only makes re-runs fast")
@@ -79,18 +112,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``ds-distil prepare``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every input is local: never ask the hub
+    if args.merge is not None:
+        if args.input or args.shard:
+            raise UserError("--merge takes the shard directories only: leave out --input and --shard (the shards "
+                            "record their inputs and options)")
+        merge_prepared(args.merge, args.output, force=args.force, tokenizer_dir=args.tokenizer)
+        return 0
+    if not args.tokenizer or not args.input:
+        missing = " and ".join(name for name, value in (("--tokenizer", args.tokenizer), ("--input", args.input))
+                               if not value)
+        raise UserError(f"{missing} required: ds-distil prepare --tokenizer TEACHER --input CORPUS... --output DIR "
+                        "(or --merge SHARD_DIR... --output DIR)")
+    shard = readers.parse_shard(args.shard) if args.shard is not None else None
     prepare_corpus(args.tokenizer, args.input, args.output, max_seq_len=args.max_seq_len, num_proc=args.num_proc,
                    validation_fraction=args.validation_fraction, seed=args.seed, min_tokens=args.min_tokens,
-                   force=args.force, cache_dir=args.cache_dir)
+                   force=args.force, cache_dir=args.cache_dir, unit=args.unit, text_column=args.text_column,
+                   dedup=args.dedup, shard=shard)
     return 0
-
-
-def log(message: str) -> None:
-    print(f"ds-distil prepare: {message}", flush=True)
-
-
-def warn(message: str) -> None:
-    print(f"ds-distil prepare: warning: {message}", file=sys.stderr, flush=True)
 
 
 # ============================================================================================
@@ -227,278 +266,41 @@ def model_max_length(tokenizer, tokenizer_dir: str | os.PathLike) -> tuple[int, 
 
 
 # ============================================================================================
-# Inputs
-# ============================================================================================
-
-@dataclass(frozen=True)
-class InputFile:
-    """One input: a text file, a JSON Lines file or a saved ``datasets`` dataset (a directory)."""
-
-    path: str
-    kind: str  # "text" | "jsonl" | "saved"
-
-
-@dataclass
-class FileScan:
-    """What a pass over a text or JSON Lines file found."""
-
-    path: str
-    lines: int = 0
-    bytes: int = 0
-    usable: int = 0  # lines that can yield text (JSON Lines: records with a string "text")
-    bad_utf8: list[int] = field(default_factory=list)  # line numbers (1-based), at most MAX_REPORTED_LINES
-    bad_utf8_count: int = 0
-    bad_json: list[int] = field(default_factory=list)
-    bad_json_count: int = 0
-    no_text_count: int = 0
-
-
-def is_saved_dataset(path: Path) -> bool:
-    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
-
-
-def collect_inputs(inputs: Sequence[str]) -> list[InputFile]:
-    """Expand directories (sorted, hidden files skipped) and classify every input."""
-    if not inputs:
-        raise UserError("no --input given: pass text files, directories, .jsonl files or saved datasets")
-    found: list[InputFile] = []
-    for raw in inputs:
-        path = Path(raw)
-        if not path.exists():
-            raise UserError(f"input {raw} does not exist: check the path given to --input")
-        if path.is_dir():
-            inside = list(_walk(path))
-            if not inside:
-                raise UserError(f"input directory {raw} holds no files: put the corpus there (one sequence per line)")
-            found.extend(inside)
-        else:
-            found.append(InputFile(str(path), _file_kind(path)))
-    return found
-
-
-def _walk(directory: Path) -> Iterator[InputFile]:
-    """Files under ``directory`` in sorted order, hidden ones skipped; saved datasets as one input."""
-    if is_saved_dataset(directory):
-        yield InputFile(str(directory), "saved")
-        return
-    for entry in sorted(directory.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            yield from _walk(entry)
-        elif entry.is_file():
-            yield InputFile(str(entry), _file_kind(entry))
-
-
-def _file_kind(path: Path) -> str:
-    return "jsonl" if path.suffix.lower() in JSONL_SUFFIXES else "text"
-
-
-def input_identity(item: InputFile) -> list:
-    """Path, size and modification time of an input (of every file inside a saved dataset)."""
-    path = Path(item.path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return [item.kind, str(path.resolve())] + [[str(p.relative_to(path)) if p != path else "", p.stat().st_size,
-                                                p.stat().st_mtime_ns] for p in files]
-
-
-def scan_text_file(path: str) -> FileScan:
-    """Count lines and find those that are not valid UTF-8 (whole blocks decode at once)."""
-    scan = FileScan(path)
-    with open(path, "rb") as handle:
-        while True:
-            block = handle.read(SCAN_BLOCK)
-            if not block:
-                break
-            block += handle.readline()  # end on a line boundary
-            scan.bytes += len(block)
-            try:
-                block.decode("utf-8")
-            except UnicodeDecodeError:
-                for number, line in enumerate(block.split(b"\n"), start=scan.lines + 1):
-                    try:
-                        line.decode("utf-8")
-                    except UnicodeDecodeError:
-                        _note(scan.bad_utf8, number)
-                        scan.bad_utf8_count += 1
-            scan.lines += block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
-    scan.usable = scan.lines
-    return scan
-
-
-def scan_jsonl_file(path: str) -> FileScan:
-    """Check every line of a JSON Lines file: UTF-8, valid JSON, a string ``text`` field."""
-    scan = FileScan(path)
-    for number, raw in enumerate(_binary_lines(path), start=1):
-        scan.lines += 1
-        scan.bytes += len(raw)
-        text, bad = _decode(raw)
-        if bad:
-            _note(scan.bad_utf8, number)
-            scan.bad_utf8_count += 1
-        if not text.strip():
-            continue
-        try:
-            record = json.loads(text)
-        except ValueError:
-            _note(scan.bad_json, number)
-            scan.bad_json_count += 1
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            scan.no_text_count += 1
-        else:
-            scan.usable += 1
-    return scan
-
-
-def _note(lines: list[int], number: int) -> None:
-    if len(lines) < MAX_REPORTED_LINES:
-        lines.append(number)
-
-
-def _binary_lines(path: str) -> Iterator[bytes]:
-    with open(path, "rb") as handle:
-        for raw in handle:
-            yield raw.rstrip(b"\r\n")
-
-
-def _decode(raw: bytes) -> tuple[str, bool]:
-    """``(text, was_bad)``: strict UTF-8, else with U+FFFD replacement characters."""
-    try:
-        return raw.decode("utf-8"), False
-    except UnicodeDecodeError:
-        return raw.decode("utf-8", errors="replace"), True
-
-
-def report_scans(scans: Sequence[FileScan]) -> None:
-    """One warning per file with problems; the work goes on."""
-    for scan in scans:
-        if scan.bad_utf8_count:
-            warn(f"{scan.path}: {scan.bad_utf8_count} line(s) are not valid UTF-8 (line "
-                 f"{_numbers(scan.bad_utf8, scan.bad_utf8_count)}); they were decoded with U+FFFD replacement "
-                 "characters: convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8) if that is wrong")
-        if scan.bad_json_count:
-            warn(f"{scan.path}: {scan.bad_json_count} line(s) are not valid JSON (line "
-                 f"{_numbers(scan.bad_json, scan.bad_json_count)}); they were skipped: fix them, or name the file "
-                 ".txt if it is plain text")
-        if scan.no_text_count:
-            warn(f"{scan.path}: {scan.no_text_count} JSON line(s) have no string 'text' field; they were skipped")
-
-
-def _numbers(numbers: list[int], total: int) -> str:
-    shown = ", ".join(str(n) for n in numbers)
-    return shown + (", ..." if total > len(numbers) else "")
-
-
-def jsonl_texts(paths: list[str], identity: list) -> Iterator[dict]:
-    """Rows ``{"text": ...}`` of JSON Lines files (``datasets`` generator; ``identity`` keys its cache).
-
-    Lines that are not JSON objects with a string ``text`` were reported by the scan and
-    are skipped here; bad UTF-8 is replaced, as for text files.
-    """
-    del identity  # only part of the cache key
-    for path in paths:
-        for raw in _binary_lines(path):
-            text, _ = _decode(raw)
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("text"), str):
-                yield {"text": record["text"]}
-
-
-def load_saved_text(path: str):
-    """The ``text`` column of a dataset saved with ``save_to_disk`` (its train split for a DatasetDict)."""
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(path)
-    except Exception as err:
-        raise UserError(f"input {path} looks like a saved dataset but cannot be loaded ({type(err).__name__}: "
-                        f"{str(err)[:120]}): save it again with Dataset.save_to_disk") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if "train" in loaded:
-            loaded = loaded["train"]
-        elif len(loaded) == 1:
-            loaded = next(iter(loaded.values()))
-        else:
-            raise UserError(f"input {path} is a DatasetDict with splits {sorted(loaded)} and no 'train': "
-                            "save the split to use on its own (dataset_dict['NAME'].save_to_disk(DIR))")
-    if "text" not in loaded.column_names:
-        raise UserError(f"input {path} has no 'text' column (columns: {loaded.column_names}): rename the "
-                        "column that holds the text to 'text' (dataset.rename_column(OLD, 'text'))")
-    return loaded.select_columns(["text"])
-
-
-def load_raw_text(items: list[InputFile], cache_dir: Path, num_proc: int):
-    """All inputs as one memory-mapped dataset with a single ``text`` column, in input order."""
-    import datasets
-
-    parts = []
-    for kind, group in _consecutive_groups(items):
-        paths = [item.path for item in group]
-        workers = min(num_proc, len(paths))
-        if kind == "text":
-            parts.append(datasets.load_dataset(
-                "text", data_files=paths, split="train", cache_dir=str(cache_dir / "sources"),
-                encoding_errors="replace", num_proc=workers if workers > 1 else None))
-        elif kind == "jsonl":
-            identity = [input_identity(item) for item in group]
-            key = _hash(["jsonl", TOKENISE_VERSION, identity])
-            parts.append(datasets.Dataset.from_generator(
-                jsonl_texts, gen_kwargs={"paths": paths, "identity": identity},
-                features=datasets.Features({"text": datasets.Value("string")}),
-                cache_dir=str(cache_dir / "sources"), fingerprint=key,
-                num_proc=workers if workers > 1 else None))
-        else:
-            parts.extend(load_saved_text(path) for path in paths)
-    if len(parts) == 1:
-        return parts[0]
-    # Concatenation needs one schema (a saved dataset may hold large_string text).
-    string = datasets.Value("string")
-    parts = [part if part.features["text"] == string else part.cast_column("text", string) for part in parts]
-    return datasets.concatenate_datasets(parts)
-
-
-def _consecutive_groups(items: list[InputFile]) -> Iterator[tuple[str, list[InputFile]]]:
-    group: list[InputFile] = []
-    for item in items:
-        if group and (item.kind != group[0].kind or item.kind == "saved"):
-            yield group[0].kind, group
-            group = []
-        group.append(item)
-    if group:
-        yield group[0].kind, group
-
-
-# ============================================================================================
 # Tokenisation (runs in datasets' worker processes)
 # ============================================================================================
 
 class Tokenise:
-    """Batched ``datasets.map`` function: lines -> wrapped, chunked, filtered token ids.
+    """Batched ``datasets.map`` function: rows of text -> wrapped, cut or packed, filtered token ids.
 
-    Every output row carries its ``status`` (kept / blank / too short / mostly unknown),
-    the input ``line`` it came from and its ``chunk`` number, so that the counts can be
-    reported from the cached result without tokenising again. Dropped rows keep no ids.
+    Every output row carries its ``status`` (kept / blank / too short / mostly unknown /
+    duplicate), the ``key`` that decides its split (a hash of its line's or document's
+    text, so all sequences of one line or document land in the same split, whatever the
+    row order, ``num_proc`` or sharding), its ``chunk`` number within the line
+    (``unit="line"``) or document (``unit="document"``; -1 for a removed duplicate line),
+    ``lines`` (the lines it starts: counted once per line or document) and, for rows
+    dropped as mostly unknown, a ``note`` with the start of their text. Counts are
+    reported from these columns of the cached result, without tokenising again.
+    Dropped rows keep no ids.
     """
 
     def __init__(self, backend_json: str, prefix: list[int], suffix: list[int], max_seq_len: int,
-                 min_tokens: int, unk_id: int | None):
+                 min_tokens: int, unk_id: int | None, unit: str = "line", row_offset: int = 0,
+                 dedup: tuple[str, str] | None = None):
         self.backend_json = backend_json
         self.prefix = list(prefix)
         self.suffix = list(suffix)
         self.body = max_seq_len - len(prefix) - len(suffix)
         self.min_tokens = min_tokens
         self.unk_id = unk_id
+        self.unit = unit
+        self.row_offset = row_offset
+        self.dedup = dedup  # (keep.npy, starts.npy): which lines survive deduplication
         self._backend = None
+        self._keep = self._starts = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_backend"] = None  # rebuilt in each worker
+        state["_backend"] = state["_keep"] = state["_starts"] = None  # rebuilt in each worker
         return state
 
     def _tokenizer(self):
@@ -510,25 +312,60 @@ class Tokenise:
             self._backend.no_padding()
         return self._backend
 
-    def __call__(self, texts: list[str], indices: list[int]) -> dict:
-        present = [i for i, text in enumerate(texts) if text and not text.isspace()]
-        encoded = iter(self._tokenizer().encode_batch_fast([texts[i] for i in present], add_special_tokens=False))
-        present_set = set(present)
-        rows: dict[str, list] = {"input_ids": [], "length": [], "status": [], "line": [], "chunk": []}
-        for i, line in enumerate(indices):
-            if i not in present_set:
-                self._add(rows, [], 0, BLANK, line, 0)
+    def _kept_lines(self, row: int, count: int) -> np.ndarray | None:
+        if self.dedup is None:
+            return None
+        if self._keep is None:
+            self._keep = np.load(self.dedup[0], mmap_mode="r")
+            self._starts = np.load(self.dedup[1], mmap_mode="r")
+        start = int(self._starts[self.row_offset + row])
+        return self._keep[start:start + count]
+
+    def __call__(self, texts: list[str | None], indices: list[int]) -> dict:
+        documents, batch = [], []
+        for text, row in zip(texts, indices):
+            lines = split_lines(text)
+            kept = self._kept_lines(row, len(lines))
+            entries = []  # (line, status, index into batch)
+            for j, line in enumerate(lines):
+                if is_blank(line):
+                    entries.append((line, BLANK, -1))
+                elif kept is not None and not kept[j]:
+                    entries.append((line, DUPLICATE, -1))
+                else:
+                    entries.append((line, KEPT, len(batch)))
+                    batch.append(line)
+            documents.append((text, entries))
+        encoded = self._tokenizer().encode_batch_fast(batch, add_special_tokens=False) if batch else []
+        ids = [encoding.ids for encoding in encoded]
+        rows = _Rows()
+        for text, entries in documents:
+            if self.unit == "line":
+                self._lines(rows, entries, ids)
+            else:
+                self._document(rows, text, entries, ids)
+        return rows.columns()
+
+    def _lines(self, rows: "_Rows", entries: list, ids: list[list[int]]) -> None:
+        for line, status, index in entries:
+            if status != KEPT:
+                rows.add([], 0, status, 0, 0, 0)
                 continue
-            content = next(encoded).ids
-            for number, piece in enumerate(self._chunks(content)):
-                self._add_piece(rows, piece, line, number)
-        return {
-            "input_ids": rows["input_ids"],
-            "length": np.asarray(rows["length"], dtype=np.int32),
-            "status": np.asarray(rows["status"], dtype=np.int8),
-            "line": np.asarray(rows["line"], dtype=np.int64),
-            "chunk": np.asarray(rows["chunk"], dtype=np.int32),
-        }
+            key = line_hash(line)
+            for number, piece in enumerate(self._chunks(ids[index])):
+                self._add_piece(rows, piece, key, number, 1 if number == 0 else 0, line)
+
+    def _document(self, rows: "_Rows", text: str | None, entries: list, ids: list[list[int]]) -> None:
+        lines = [(line, index) for line, status, index in entries if status == KEPT]
+        for _ in range(sum(1 for _, status, _ in entries if status == DUPLICATE)):
+            rows.add([], 0, DUPLICATE, 0, -1, 0)
+        pieces = self._pack([ids[index] for _, index in lines])
+        if not pieces:
+            rows.add([], 0, BLANK, 0, 0, len(lines))
+            return
+        key = text_hash(text or "")
+        for number, (piece, first) in enumerate(pieces):
+            self._add_piece(rows, piece, key, number, len(lines) if number == 0 else 0, lines[first][0])
 
     def _chunks(self, content: list[int]) -> list[list[int]]:
         """The fewest near-equal pieces that fit, so a long line leaves no short tail to drop."""
@@ -541,29 +378,101 @@ class Tokenise:
             start = end
         return pieces
 
-    def _add_piece(self, rows: dict, piece: list[int], line: int, number: int) -> None:
+    def _pack(self, lines: list[list[int]]) -> list[tuple[list[int], int]]:
+        """Consecutive lines of one document packed into pieces of at most ``body`` tokens.
+
+        A line that fits in a fresh piece is never split: it goes whole into the current
+        piece, or starts the next one. A line longer than a piece must be split anyway,
+        so it first fills the current piece, then whole pieces, and its tail starts the
+        next. Returns ``(piece, index of the line it starts with)``.
+        """
+        body = self.body
+        pieces: list[tuple[list[int], int]] = []
+        current: list[int] = []
+        first = 0
+        for number, tokens in enumerate(lines):
+            if not tokens:
+                continue
+            if len(current) + len(tokens) <= body:
+                if not current:
+                    first = number
+                current = current + tokens
+                continue
+            if len(tokens) <= body:
+                pieces.append((current, first))
+                current, first = list(tokens), number
+                continue
+            if not current:
+                first = number
+            space = body - len(current)
+            pieces.append((current + tokens[:space], first))
+            rest = tokens[space:]
+            while len(rest) > body:
+                pieces.append((rest[:body], number))
+                rest = rest[body:]
+            current, first = list(rest), number
+        if current:
+            pieces.append((current, first))
+        return pieces
+
+    def _add_piece(self, rows: "_Rows", piece: list[int], key: int, chunk: int, lines: int, text: str) -> None:
         length = len(piece) + len(self.prefix) + len(self.suffix)
         if length < self.min_tokens:
-            self._add(rows, [], length, TOO_SHORT, line, number)
+            rows.add([], length, TOO_SHORT, key, chunk, lines)
         elif self.unk_id is not None and 2 * piece.count(self.unk_id) >= len(piece):
-            self._add(rows, [], length, MOSTLY_UNKNOWN, line, number)
+            rows.add([], length, MOSTLY_UNKNOWN, key, chunk, lines, text[:NOTE_CHARS])
         else:
-            self._add(rows, self.prefix + piece + self.suffix, length, KEPT, line, number)
+            rows.add(self.prefix + piece + self.suffix, length, KEPT, key, chunk, lines)
 
-    @staticmethod
-    def _add(rows: dict, ids: list[int], length: int, status: int, line: int, chunk: int) -> None:
-        rows["input_ids"].append(ids)
-        rows["length"].append(length)
-        rows["status"].append(status)
-        rows["line"].append(line)
-        rows["chunk"].append(chunk)
+
+class _Rows:
+    """Output columns of :class:`Tokenise`, filled row by row."""
+
+    def __init__(self):
+        self.input_ids: list[list[int]] = []
+        self.length: list[int] = []
+        self.status: list[int] = []
+        self.key: list[int] = []
+        self.chunk: list[int] = []
+        self.lines: list[int] = []
+        self.note: list[str] = []
+
+    def add(self, ids: list[int], length: int, status: int, key: int, chunk: int, lines: int, note: str = "") -> None:
+        self.input_ids.append(ids)
+        self.length.append(length)
+        self.status.append(status)
+        self.key.append(key)
+        self.chunk.append(chunk)
+        self.lines.append(lines)
+        self.note.append(note)
+
+    def columns(self) -> dict:
+        return {
+            "input_ids": self.input_ids,
+            "length": np.asarray(self.length, dtype=np.int32),
+            "status": np.asarray(self.status, dtype=np.int8),
+            "key": np.asarray(self.key, dtype=np.uint64),
+            "chunk": np.asarray(self.chunk, dtype=np.int32),
+            "lines": np.asarray(self.lines, dtype=np.int32),
+            "note": self.note,
+        }
+
+
+class LineHashes:
+    """Batched ``datasets.map`` function: the hash of every line of every row (0 for blank lines)."""
+
+    def __call__(self, texts: list[str | None]) -> dict:
+        # uint64 arrays: hashes above 2**63 do not fit the int64 that plain Python ints would become.
+        return {"hashes": [np.fromiter((line_hash(line) for line in split_lines(text)), dtype=np.uint64)
+                           for text in texts]}
 
 
 class SplitSelector:
     """Batched ``datasets.filter`` function: kept rows of one split.
 
-    A line goes to validation when a hash of ``(seed, line number)`` falls below the
-    fraction, so all chunks of a line land in the same split, whatever ``num_proc`` was.
+    A line (document) goes to validation when a seeded hash of its text's hash falls below
+    the fraction, so all its sequences land in the same split, whatever ``num_proc``, the
+    order of the inputs or the sharding.
     """
 
     def __init__(self, validation: bool, fraction: float, seed: int):
@@ -571,18 +480,19 @@ class SplitSelector:
         self.fraction = fraction
         self.seed = seed
 
-    def __call__(self, status: np.ndarray, line: np.ndarray) -> np.ndarray:
-        held_out = uniform_hash(np.asarray(line), self.seed) < self.fraction
+    def __call__(self, status: np.ndarray, key: np.ndarray) -> np.ndarray:
+        held_out = uniform_hash(np.asarray(key), self.seed) < self.fraction
         return (np.asarray(status) == KEPT) & (held_out if self.validation else ~held_out)
 
 
 def uniform_hash(values: np.ndarray, seed: int) -> np.ndarray:
     """Uniform floats in [0, 1) from integers and a seed (splitmix64, vectorised)."""
     mask = 2**64 - 1
-    z = values.astype(np.uint64) + np.uint64(((seed + 1) * 0x9E3779B97F4A7C15) & mask)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    z = z ^ (z >> np.uint64(31))
+    with np.errstate(over="ignore"):
+        z = values.astype(np.uint64) + np.uint64(((seed + 1) * 0x9E3779B97F4A7C15) & mask)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
     return (z >> np.uint64(11)).astype(np.float64) / float(2**53)
 
 
@@ -593,22 +503,30 @@ def uniform_hash(values: np.ndarray, seed: int) -> np.ndarray:
 def prepare_corpus(tokenizer_dir: str | os.PathLike, inputs: list[str], output_dir: str | os.PathLike,
                    max_seq_len: int | None = None, num_proc: int = 1, validation_fraction: float = 0.01,
                    seed: int = 0, min_tokens: int = 12, force: bool = False,
-                   cache_dir: str | os.PathLike | None = None) -> dict:
+                   cache_dir: str | os.PathLike | None = None, unit: str = "line", text_column: str = "text",
+                   dedup: bool = False, shard: tuple[int, int] | None = None) -> dict:
     """Tokenise ``inputs`` with the tokenizer in ``tokenizer_dir`` into ``output_dir``; returns meta.
 
-    See the module docstring for the format. Raises :class:`UserError` for every input
-    problem that stops the work; warns (and goes on) for bad lines.
+    See the module docstring for the format. ``shard=(I, N)`` prepares only the I-th of N
+    shards of the inputs. Raises :class:`UserError` for every input problem that stops
+    the work; warns (and goes on) for bad lines.
     """
-    _check_options(num_proc, validation_fraction, min_tokens, seed)
+    _check_options(num_proc, validation_fraction, min_tokens, seed, unit, text_column)
     output = Path(output_dir)
+    _check_output_path(output)
     tokenizer = load_tokenizer(tokenizer_dir)
     info = describe_tokenizer(tokenizer, tokenizer_dir)
     max_seq_len = _resolve_max_len(max_seq_len, info, min_tokens)
-    items = collect_inputs(inputs)
-    options = {"max_seq_len": max_seq_len, "min_tokens": min_tokens,
-               "validation_fraction": validation_fraction, "seed": seed}
+    listing = collect_inputs(inputs)
+    items = listing if shard is None else readers.shard_items(listing, *shard)
+    options = {"max_seq_len": max_seq_len, "min_tokens": min_tokens, "validation_fraction": validation_fraction,
+               "seed": seed, "unit": unit, "text_column": text_column, "dedup": dedup}
+    shard_meta = None
+    if shard is not None:
+        shard_meta = {"index": shard[0], "count": shard[1], "files": len(listing),
+                      "listing": _hash([input_identity(item) for item in listing])}
     request = _hash([FORMAT_VERSION, TOKENISE_VERSION, info.fingerprint, options,
-                     [input_identity(item) for item in items]])
+                     [input_identity(item) for item in items], shard_meta])
     existing = _check_output(output, request, force)
     if existing is not None:
         log(f"{output} is up to date (same inputs, tokenizer and options): nothing to do; --force rebuilds it")
@@ -616,30 +534,31 @@ def prepare_corpus(tokenizer_dir: str | os.PathLike, inputs: list[str], output_d
     cache = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     log(f"tokenizer {info.path} ({info.class_name}, {info.vocab_size} tokens, fingerprint "
         f"{info.fingerprint[:12]}); sequences of at most {max_seq_len} tokens "
-        f"(model maximum {info.model_max_length}, from {info.max_length_source})")
+        f"(model maximum {info.model_max_length}, from {info.max_length_source}), one per {unit}")
+    if shard is not None:
+        log(f"shard {shard[0]}/{shard[1]}: {len(items)} of {len(listing)} input files ({readers.names_of(items)})")
 
     started = time.perf_counter()
-    scans = {i.path: scan_text_file(i.path) if i.kind == "text" else scan_jsonl_file(i.path)
-             for i in _progress(items, "checking inputs") if i.kind != "saved"}
-    report_scans(list(scans.values()))
-    _log_inputs(items, list(scans.values()))
-    # datasets cannot build a dataset from a file without rows: leave such files out.
-    readable = [i for i in items if i.kind == "saved" or scans[i.path].usable]
-    raw = load_raw_text(readable, cache, num_proc) if readable else None
-    if raw is None or len(raw) == 0:
-        raise UserError(f"the inputs ({_names(items)}) hold no text: pass the corpus files (one sequence per line)")
-    tokenised = _tokenise(raw, tokenizer, info, max_seq_len, min_tokens, num_proc, cache, readable)
-    del raw  # unmaps the text: its pages leave this process's resident set before the next pass
-    counts = _status_counts(tokenised)
-    _log_counts(counts, min_tokens)
+    scans = readers.check_inputs(items, text_column)
+    log(f"inputs: {readers.describe_inputs(items, scans)}")
+    parts = readers.read_parts(items, scans, text_column, unit, cache, num_proc)
+    readers.report_scans(list(scans.values()), text_column)
+    if not parts:
+        raise UserError(f"the inputs ({readers.names_of(items)}) hold no text: pass the corpus files (one sequence per "
+                        "line)")
+    masks = _dedup_masks(parts, unit, text_column, num_proc, cache) if dedup else None
+    tokenised, key = _tokenise(parts, tokenizer, info, options, num_proc, cache, masks)
+    del parts  # unmaps the text: its pages leave this process's resident set before the next pass
+    counts, examples = _status_counts(tokenised, max_seq_len)
+    _log_counts(counts, options, examples)
     if counts["kept"] == 0:
-        raise UserError(f"no sequence of {min_tokens} tokens or more in the inputs ({_names(items)}): check that "
-                        "--input is the corpus (one sequence per line) and --tokenizer the teacher's tokenizer")
+        raise UserError(f"no sequence of {min_tokens} tokens or more in the inputs ({readers.names_of(items)}): check "
+                        "that --input is the corpus (one sequence per line) and --tokenizer the teacher's tokenizer")
 
     temporary = _temporary_dir(output)
     try:
-        _write_splits(tokenised, temporary, validation_fraction, seed, cache)
-        meta = _finish(temporary, info, options, items, list(scans.values()), counts, request)
+        _write_splits(tokenised, key, temporary, validation_fraction, seed, cache)
+        meta = _finish(temporary, info, options, items, list(scans.values()), counts, examples, request, shard_meta)
         _replace(temporary, output)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
@@ -652,7 +571,8 @@ def prepare_corpus(tokenizer_dir: str | os.PathLike, inputs: list[str], output_d
     return meta
 
 
-def _check_options(num_proc: int, validation_fraction: float, min_tokens: int, seed: int) -> None:
+def _check_options(num_proc: int, validation_fraction: float, min_tokens: int, seed: int, unit: str = "line",
+                   text_column: str = "text") -> None:
     if num_proc < 1:
         raise UserError(f"--num-proc {num_proc} must be at least 1")
     if not 0.0 <= validation_fraction < 1.0:
@@ -661,6 +581,15 @@ def _check_options(num_proc: int, validation_fraction: float, min_tokens: int, s
         raise UserError(f"--min-tokens {min_tokens} must be at least 1")
     if seed < 0:
         raise UserError(f"--seed {seed} must be >= 0")
+    if unit not in UNITS:
+        raise UserError(f"--unit {unit} must be one of {', '.join(UNITS)}")
+    if not text_column:
+        raise UserError("--text-column must name a column")
+
+
+def _check_output_path(output: Path) -> None:
+    """--output must be (or be creatable as) a writable directory: not a file, not below a file."""
+    require_output_path(output, "--output", "dir")
 
 
 def _resolve_max_len(max_seq_len: int | None, info: TokenizerInfo, min_tokens: int) -> int:
@@ -689,10 +618,9 @@ def _check_output(output: Path, request: str, force: bool) -> dict | None:
     Only prepared data (or an empty directory) is ever replaced, even with ``force``: a
     mistyped ``--output`` must not delete anything else.
     """
+    _check_output_path(output)
     if not output.exists() or (output.is_dir() and not any(output.iterdir())):
         return None
-    if not output.is_dir():
-        raise UserError(f"--output {output} is a file: choose a directory name")
     try:
         meta = json.loads((output / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -708,91 +636,201 @@ def _check_output(output: Path, request: str, force: bool) -> dict | None:
     return None
 
 
-def _tokenise(raw, tokenizer, info: TokenizerInfo, max_seq_len: int, min_tokens: int, num_proc: int,
-              cache: Path, items: list[InputFile]):
-    """``raw.map(Tokenise)``, cached under a key of the inputs (paths, sizes, mtimes), tokenizer and options."""
+def _dedup_masks(parts: list, unit: str, text_column: str, num_proc: int, cache: Path) -> tuple[str, str]:
+    """Which lines survive exact deduplication, as two .npy files the tokenising workers memory-map.
+
+    ``starts[r]`` is the index of row ``r``'s first line in the flat list of lines of all
+    parts (in order); ``keep[i]`` says whether line ``i`` is kept: blank lines and the first
+    occurrence of every line are, later copies are not. Hashing runs in ``datasets.map``
+    (cached); the decision is one ``np.unique`` over 8 bytes per line.
+    """
+    import datasets
+    import pyarrow.compute as pc
+
+    identity = [[input_identity(item) for item in part.items] for part in parts]
+    key = _hash(["dedup", TOKENISE_VERSION, unit, text_column, identity])[:32]
+    directory = cache / "dedup"
+    directory.mkdir(parents=True, exist_ok=True)
+    keep_path, starts_path = directory / f"{key}.keep.npy", directory / f"{key}.starts.npy"
+    if keep_path.is_file() and starts_path.is_file():
+        return str(keep_path), str(starts_path)
+    values, lengths = [], []
+    features = datasets.Features({"hashes": datasets.List(datasets.Value("uint64"))})
+    for number, part in enumerate(parts):
+        part_key = f"{key}-{number}"
+        hashed = part.dataset.map(LineHashes(), batched=True, input_columns=["text"], remove_columns=["text"],
+                                  features=features, num_proc=num_proc if num_proc > 1 else None,
+                                  cache_file_name=str(directory / f"{part_key}.arrow"), new_fingerprint=part_key,
+                                  load_from_cache_file=True, desc="Hashing lines")
+        for chunk in hashed.data.column("hashes").chunks:
+            lengths.append(pc.list_value_length(chunk).to_numpy(zero_copy_only=False).astype(np.int64))
+            values.append(chunk.flatten().to_numpy(zero_copy_only=False))
+    flat = np.concatenate(values) if values else np.zeros(0, dtype=np.uint64)
+    starts = np.zeros(sum(len(x) for x in lengths) + 1, dtype=np.int64)
+    np.cumsum(np.concatenate(lengths) if lengths else [], out=starts[1:])
+    real = np.flatnonzero(flat != 0)
+    _, first = np.unique(flat[real], return_index=True)
+    keep = flat == 0
+    keep[real[first]] = True
+    for path, array in ((keep_path, keep), (starts_path, starts)):
+        partial = path.with_name(path.name + f".partial-{os.getpid()}")
+        with open(partial, "wb") as handle:
+            np.save(handle, array)
+        partial.rename(path)
+    return str(keep_path), str(starts_path)
+
+
+def _tokenise(parts: list, tokenizer, info: TokenizerInfo, options: dict, num_proc: int, cache: Path,
+              masks: tuple[str, str] | None):
+    """``part.dataset.map(Tokenise)`` for every part, each cached under a key of its inputs, the
+    tokenizer and the options; returns the concatenation and a key of the whole result."""
     import datasets
 
-    key = _hash(["tokenise", TOKENISE_VERSION, [input_identity(item) for item in items], info.fingerprint,
-                 max_seq_len, min_tokens, info.prefix_ids, info.suffix_ids])[:32]
-    cache_file = cache / "tokenised" / f"{key}.arrow"
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    cached = sorted(cache_file.parent.glob(f"{key}*.arrow"))
-    if cached:
-        log(f"reusing the cached tokenisation ({cache_file.parent}/{key}*.arrow)")
-    else:
-        log(f"tokenising {len(raw):,} lines with {num_proc} process(es)")
-    function = Tokenise(bare_backend(tokenizer).to_str(), info.prefix_ids, info.suffix_ids, max_seq_len,
-                        min_tokens, info.unk_token_id)
     features = datasets.Features({
         "input_ids": datasets.List(datasets.Value(info.token_dtype)),
-        "length": datasets.Value("int32"), "status": datasets.Value("int8"),
-        "line": datasets.Value("int64"), "chunk": datasets.Value("int32"),
+        "length": datasets.Value("int32"), "status": datasets.Value("int8"), "key": datasets.Value("uint64"),
+        "chunk": datasets.Value("int32"), "lines": datasets.Value("int32"), "note": datasets.Value("string"),
     })
+    directory = cache / "tokenised"
+    directory.mkdir(parents=True, exist_ok=True)
+    backend = bare_backend(tokenizer).to_str()
+    jobs, offset = [], 0
+    for part in parts:
+        identity = [input_identity(item) for item in part.items]
+        key = _hash(["tokenise", TOKENISE_VERSION, readers.READ_VERSION, identity, options["text_column"],
+                     options["unit"], info.fingerprint, options["max_seq_len"], options["min_tokens"],
+                     info.prefix_ids, info.suffix_ids, [masks and Path(masks[0]).name, offset]])[:32]
+        jobs.append((part, key, offset, bool(sorted(directory.glob(f"{key}*.arrow")))))
+        offset += len(part.dataset)
+    todo = [job for job in jobs if not job[3]]
+    if options["unit"] == "document":
+        what = "documents"
+    else:
+        what = "lines" if all(item.kind == "text" for job in todo for item in job[0].items) else "records"
+    if not todo:
+        log(f"reusing the cached tokenisation ({len(jobs)} input group(s) in {directory})")
+    else:
+        reused = len(jobs) - len(todo)
+        log(f"tokenising {sum(len(job[0].dataset) for job in todo):,} {what} with {num_proc} process(es)"
+            + (f" ({reused} input group(s) reused from the cache)" if reused else ""))
     # Forked workers share the parent's heap copy-on-write; the garbage collector walking
     # those objects would copy them page by page into every worker. Frozen, it leaves them.
     if num_proc > 1:
         gc.collect()
         gc.freeze()
     try:
-        return raw.map(function, batched=True, with_indices=True, input_columns=["text"], remove_columns=["text"],
-                       features=features, num_proc=num_proc if num_proc > 1 else None,
-                       cache_file_name=str(cache_file), new_fingerprint=key, load_from_cache_file=True,
-                       desc="Tokenising")
+        results = []
+        for part, key, offset, _ in jobs:
+            function = Tokenise(backend, info.prefix_ids, info.suffix_ids, options["max_seq_len"],
+                                options["min_tokens"], info.unk_token_id, options["unit"], offset, masks)
+            results.append(part.dataset.map(
+                function, batched=True, with_indices=True, input_columns=["text"], remove_columns=["text"],
+                features=features, num_proc=num_proc if num_proc > 1 else None,
+                cache_file_name=str(directory / f"{key}.arrow"), new_fingerprint=key, load_from_cache_file=True,
+                desc="Tokenising"))
     finally:
         if num_proc > 1:
             gc.unfreeze()
+    tokenised = results[0] if len(results) == 1 else datasets.concatenate_datasets(results)
+    return tokenised, _hash([job[1] for job in jobs])[:32]
 
 
-def _status_counts(tokenised) -> dict[str, int]:
-    """Row counts per status, and how many lines were cut (from two small columns, streamed)."""
+def _status_counts(tokenised, max_seq_len: int) -> tuple[dict[str, Any], list[str]]:
+    """Counts per status, lines, cut lines, tokens kept and fill ratio (small columns, streamed)."""
     import pyarrow.compute as pc
 
     table = tokenised.data.table if hasattr(tokenised.data, "table") else tokenised.data
     by_status = {int(v["values"]): int(v["counts"]) for v in pc.value_counts(table.column("status")).to_pylist()}
     chunk = table.column("chunk")
+    kept = pc.equal(table.column("status"), KEPT)
 
     def count(mask) -> int:
         return int(pc.sum(mask).as_py() or 0)
 
-    cut = count(pc.equal(chunk, 1))  # every line that was cut has a chunk 1
-    return {
-        "lines": count(pc.equal(chunk, 0)),
+    cut = count(pc.equal(chunk, 1))  # every line (document) that was cut (packed into several) has a chunk 1
+    kept_tokens = int(pc.sum(pc.filter(table.column("length"), kept)).as_py() or 0)
+    counts = {
+        "units": count(pc.equal(chunk, 0)), "text_lines": int(pc.sum(table.column("lines")).as_py() or 0),
         "kept": by_status.get(KEPT, 0), "blank": by_status.get(BLANK, 0),
         "too_short": by_status.get(TOO_SHORT, 0), "mostly_unknown": by_status.get(MOSTLY_UNKNOWN, 0),
+        "duplicates": by_status.get(DUPLICATE, 0),
         "cut": cut, "chunks_from_cut": cut + count(pc.greater_equal(chunk, 1)),
+        "kept_tokens": kept_tokens,
     }
+    counts["fill_ratio"] = fill_ratio(kept_tokens, counts["kept"], max_seq_len)
+    examples = []
+    if counts["mostly_unknown"]:
+        unknown = pc.equal(table.column("status"), MOSTLY_UNKNOWN)
+        examples = [str(x) for x in pc.filter(table.column("note"), unknown).slice(0, MAX_EXAMPLES).to_pylist()]
+    return counts, examples
 
 
-def _log_counts(counts: dict[str, int], min_tokens: int) -> None:
-    log(f"{counts['lines']:,} lines: {counts['blank']:,} blank skipped; {counts['cut']:,} longer than the maximum "
-        f"cut into {counts['chunks_from_cut']:,} chunks; dropped {counts['too_short']:,} of {min_tokens - 1} tokens "
-        f"or fewer and {counts['mostly_unknown']:,} at least half unknown tokens; {counts['kept']:,} sequences kept")
+def fill_ratio(tokens: int, sequences: int, max_seq_len: int) -> float:
+    """Real tokens over the room of full-length sequences: 1.0 when every sequence is full."""
+    return round(tokens / (sequences * max_seq_len), 6) if sequences else 0.0
 
 
-def _write_splits(tokenised, directory: Path, fraction: float, seed: int, cache: Path) -> None:
+def _log_counts(counts: dict[str, Any], options: dict, examples: list[str]) -> None:
+    min_tokens, max_len = options["min_tokens"], options["max_seq_len"]
+    dropped = (f"dropped {counts['too_short']:,} of {min_tokens - 1} tokens or fewer and "
+               f"{counts['mostly_unknown']:,} at least half unknown tokens; {counts['kept']:,} sequences kept")
+    duplicates = f"{counts['duplicates']:,} duplicate lines removed; " if options["dedup"] else ""
+    if options["unit"] == "line":
+        log(f"{counts['units']:,} lines: {counts['blank']:,} blank skipped; {duplicates}{counts['cut']:,} longer than "
+            f"the maximum cut into {counts['chunks_from_cut']:,} chunks; {dropped}")
+    else:
+        sequences = counts["kept"] + counts["too_short"] + counts["mostly_unknown"]
+        empty = "empty or only duplicates" if options["dedup"] else "empty"
+        log(f"{counts['units']:,} documents ({counts['blank']:,} {empty}), {counts['text_lines']:,} lines: "
+            f"{duplicates}packed into {sequences:,} sequences ({counts['cut']:,} documents span several); {dropped}")
+    if counts["kept"]:
+        log(f"fill ratio {counts['fill_ratio']:.1%}: {counts['kept_tokens']:,} real tokens in {counts['kept']:,} "
+            f"sequences of up to {max_len} tokens (mean {counts['kept_tokens'] / counts['kept']:.1f})")
+    if examples:
+        shown = ", ".join(repr(example) for example in examples)
+        log(f"sequences at least half unknown tokens ([UNK]) look like: {shown}: the tokenizer's vocabulary lacks "
+            "their characters (another language or script? the wrong --tokenizer?)")
+
+
+def _report(counts: dict[str, Any], unit: str, scans: list[FileScan]) -> dict:
+    """The counts recorded in meta.json (all integers, so shards can be summed)."""
+    report = {"lines" if unit == "line" else "documents": counts["units"]}
+    if unit == "document":
+        report["lines"] = counts["text_lines"]
+    for name in ("blank", "duplicates", "too_short", "mostly_unknown", "cut", "chunks_from_cut", "kept",
+                 "kept_tokens"):
+        report[name] = counts[name]
+    report.update(bad_utf8_lines=sum(s.bad_utf8_count for s in scans),
+                  bad_json_lines=sum(s.bad_json_count for s in scans),
+                  no_text_lines=sum(s.no_text_count + s.null_text_count for s in scans))
+    return report
+
+
+def _write_splits(tokenised, key: str, directory: Path, fraction: float, seed: int, cache: Path) -> None:
     """Save the kept rows as a DatasetDict (train, validation) of ``input_ids`` and ``length``."""
     import datasets
 
     view = tokenised.with_format("numpy")
     splits = {}
+    (cache / "splits").mkdir(parents=True, exist_ok=True)
     for name in ("train", "validation"):
-        key = _hash(["split", tokenised._fingerprint, name, fraction, seed])[:32]
-        selected = view.filter(SplitSelector(name == "validation", fraction, seed), input_columns=["status", "line"],
-                               batched=True, batch_size=100_000, cache_file_name=str(cache / "splits" / f"{key}.arrow"),
-                               new_fingerprint=key, load_from_cache_file=True, desc=f"Selecting {name}")
+        split_key = _hash(["split", key, name, fraction, seed])[:32]
+        selected = view.filter(SplitSelector(name == "validation", fraction, seed), input_columns=["status", "key"],
+                               batched=True, batch_size=100_000,
+                               cache_file_name=str(cache / "splits" / f"{split_key}.arrow"),
+                               new_fingerprint=split_key, load_from_cache_file=True, desc=f"Selecting {name}")
         splits[name] = selected.with_format(None).select_columns(["input_ids", "length"])
     if len(splits["train"]) == 0:
         raise UserError(f"--validation-fraction {fraction} left no sequence for training: lower it")
     if fraction > 0 and len(splits["validation"]) == 0:
-        warn(f"the validation split is empty (no line of {len(splits['train'])} was drawn at "
+        warn(f"the validation split is empty (none of {len(splits['train'])} sequences was drawn at "
              f"--validation-fraction {fraction}): raise it, or add data, to evaluate on held-out text")
     # One writer: saving is I/O-bound, and worker processes would only add memory.
     datasets.DatasetDict(splits).save_to_disk(str(directory))
 
 
 def _finish(directory: Path, info: TokenizerInfo, options: dict, items: list[InputFile], scans: list[FileScan],
-            counts: dict[str, int], request: str) -> dict:
+            counts: dict[str, Any], examples: list[str], request: str, shard: dict | None) -> dict:
     """Token counts, length histogram and meta.json, computed from the saved splits."""
     train = _split_stats(directory / "train", info.vocab_size)
     validation = _split_stats(directory / "validation", info.vocab_size)
@@ -800,14 +838,15 @@ def _finish(directory: Path, info: TokenizerInfo, options: dict, items: list[Inp
     lengths = np.flatnonzero(train["length_counts"])
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "created_by": f"ds-distil {__version__}",
-        "request": request,
+        "request": request, "tokenise_version": TOKENISE_VERSION,
         "tokenizer": {**asdict(info), "token_dtype": info.token_dtype},
         **options,
         "token_dtype": info.token_dtype,
-        "inputs": [{"path": item.path, "kind": item.kind} for item in items],
-        "report": {**counts, "bad_utf8_lines": sum(s.bad_utf8_count for s in scans),
-                   "bad_json_lines": sum(s.bad_json_count for s in scans),
-                   "no_text_lines": sum(s.no_text_count for s in scans)},
+        "inputs": [item.describe() for item in items],
+        "shard": shard,
+        "report": _report(counts, options["unit"], scans),
+        "fill_ratio": counts["fill_ratio"],
+        "mostly_unknown_examples": examples,
         "splits": {"train": {"sequences": train["sequences"], "tokens": train["tokens"]},
                    "validation": {"sequences": validation["sequences"], "tokens": validation["tokens"]}},
         "num_sequences": train["sequences"] + validation["sequences"],
@@ -846,9 +885,146 @@ def _split_stats(split_dir: Path, vocab_size: int) -> dict:
             "length_counts": length_counts}
 
 
+# ============================================================================================
+# Merging shards
+# ============================================================================================
+
+def merge_prepared(shard_dirs: Sequence[str | os.PathLike], output_dir: str | os.PathLike, force: bool = False,
+                   tokenizer_dir: str | os.PathLike | None = None) -> dict:
+    """Concatenate the outputs of ``prepare --shard I/N`` (all N, any order) into ``output_dir``.
+
+    Every shard must come from the same inputs, tokenizer and options. Splits are joined in
+    shard order by hard-linking their Arrow files (copied across filesystems), so nothing
+    is decoded or re-encoded; the result equals preparing the inputs in one run.
+    """
+    output = Path(output_dir)
+    _check_output_path(output)
+    shards = [(Path(d), load_prepared(d)) for d in shard_dirs]
+    first_dir, first = shards[0]
+    for directory, prepared in shards:
+        meta = prepared.meta
+        if not meta.get("shard"):
+            raise UserError(f"{directory} is not a shard (it was prepared without --shard): --merge takes the outputs "
+                            "of ds-distil prepare --shard I/N")
+        if meta["tokenizer"]["fingerprint"] != first.meta["tokenizer"]["fingerprint"]:
+            raise UserError(f"{directory} was prepared with another tokenizer (fingerprint "
+                            f"{meta['tokenizer']['fingerprint'][:12]}) than {first_dir} (fingerprint "
+                            f"{first.meta['tokenizer']['fingerprint'][:12]}): prepare every shard with the same "
+                            "--tokenizer")
+        for name in SHARED_OPTIONS:
+            if meta.get(name) != first.meta.get(name):
+                raise UserError(f"{directory} was prepared with {name}={meta.get(name)!r} but {first_dir} with "
+                                f"{name}={first.meta.get(name)!r}: prepare every shard with the same options")
+        for name in ("count", "listing"):
+            if meta["shard"][name] != first.meta["shard"][name]:
+                what = "shard count" if name == "count" else "input files (another --input list, or files changed)"
+                raise UserError(f"{directory} and {first_dir} are shards of different runs (their {what} differ): "
+                                "prepare every shard from the same --input with the same N in --shard I/N")
+    if tokenizer_dir is not None:
+        check_tokenizer_matches(first.meta, load_tokenizer(tokenizer_dir), first_dir)
+    count = first.meta["shard"]["count"]
+    by_index: dict[int, Path] = {}
+    for directory, prepared in shards:
+        index = prepared.meta["shard"]["index"]
+        if index in by_index:
+            raise UserError(f"shard {index}/{count} is given twice ({by_index[index]} and {directory}): pass each "
+                            "shard directory once")
+        by_index[index] = directory
+    missing = [i for i in range(count) if i not in by_index]
+    if missing:
+        listed = ", ".join(str(i) for i in missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise UserError(f"shard(s) {listed} of {count} missing: prepare them (ds-distil prepare --shard I/{count} "
+                        f"...) and pass all {count} shard directories to --merge")
+    ordered = [next(p for d, p in shards if d == by_index[i]) for i in range(count)]
+    request = _hash(["merge", FORMAT_VERSION, [p.meta["request"] for p in ordered]])
+    existing = _check_output(output, request, force)
+    if existing is not None:
+        log(f"{output} is up to date (the same {count} shards): nothing to do; --force rebuilds it")
+        return existing
+
+    started = time.perf_counter()
+    temporary = _temporary_dir(output)
+    try:
+        temporary.mkdir()
+        for split in ("train", "validation"):
+            _link_split([Path(p.path) / split for p in ordered], temporary / split, _hash([request, split])[:16])
+        shutil.copyfile(Path(ordered[0].path) / "dataset_dict.json", temporary / "dataset_dict.json")
+        np.save(temporary / "token_counts.npy", sum(p.token_counts for p in ordered))
+        meta = _merged_meta([p.meta for p in ordered], [p.path for p in ordered], request)
+        (temporary / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        load_prepared(temporary)  # the merged data reads back, with the counts meta.json records
+        _replace(temporary, output)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    if meta["dedup"]:
+        warn("the shards were deduplicated separately (--dedup): a line repeated in two shards is kept in both")
+    log(f"merged {count} shards into {output}: train {meta['splits']['train']['sequences']:,} sequences / "
+        f"{meta['splits']['train']['tokens']:,} tokens, validation {meta['splits']['validation']['sequences']:,} / "
+        f"{meta['splits']['validation']['tokens']:,}; fill ratio {meta['fill_ratio']:.1%}; in "
+        f"{time.perf_counter() - started:.1f} s")
+    return meta
+
+
+def _link_split(sources: list[Path], target: Path, fingerprint: str) -> None:
+    """A saved split whose Arrow files are those of ``sources``, in order (hard links, else copies)."""
+    target.mkdir()
+    files = []
+    for source in sources:
+        state = json.loads((source / "state.json").read_text(encoding="utf-8"))
+        files.extend(source / entry["filename"] for entry in state["_data_files"])
+    entries = []
+    for number, path in enumerate(files):
+        name = f"data-{number:05d}-of-{len(files):05d}.arrow"
+        try:
+            os.link(path, target / name)
+        except OSError:  # another filesystem, or links not allowed
+            shutil.copyfile(path, target / name)
+        entries.append({"filename": name})
+    state = json.loads((sources[0] / "state.json").read_text(encoding="utf-8"))
+    state.update(_data_files=entries, _fingerprint=fingerprint)
+    (target / "state.json").write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    shutil.copyfile(sources[0] / "dataset_info.json", target / "dataset_info.json")
+
+
+def _merged_meta(metas: list[dict], paths: list[str], request: str) -> dict:
+    first = metas[0]
+    report = {name: sum(int(m["report"].get(name, 0)) for m in metas) for name in first["report"]}
+    splits = {name: {key: sum(m["splits"][name][key] for m in metas) for key in ("sequences", "tokens")}
+              for name in ("train", "validation")}
+    histogram: dict[int, int] = {}
+    for m in metas:
+        for length, count in zip(m["length_histogram"]["lengths"], m["length_histogram"]["counts"]):
+            histogram[length] = histogram.get(length, 0) + count
+    lengths = sorted(histogram)
+    return {
+        **first,
+        "created_by": f"ds-distil {__version__}",
+        "request": request,
+        "inputs": [item for m in metas for item in m["inputs"]],
+        "shard": None,
+        "merged_from": [{"path": str(Path(p).resolve()), "shard": m["shard"]["index"], "request": m["request"]}
+                        for m, p in zip(metas, paths)],
+        "report": report,
+        "fill_ratio": fill_ratio(report["kept_tokens"], report["kept"], first["max_seq_len"]),
+        "mostly_unknown_examples": [e for m in metas for e in m.get("mostly_unknown_examples", [])][:MAX_EXAMPLES],
+        "splits": splits,
+        "num_sequences": sum(m["num_sequences"] for m in metas),
+        "num_tokens": sum(m["num_tokens"] for m in metas),
+        "length_histogram": {"split": "train", "lengths": lengths, "counts": [histogram[n] for n in lengths]},
+    }
+
+
+# ============================================================================================
+# Output directory
+# ============================================================================================
+
 def _temporary_dir(output: Path) -> Path:
     """A fresh sibling of ``output`` (same filesystem, so the final rename is atomic)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--output {output}: cannot create {output.parent} ({readers.first_line(err)}): choose "
+                        "another --output") from None
     for stale in output.parent.glob(f".{output.name}.partial-*"):
         pid = stale.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):
@@ -882,32 +1058,10 @@ def _replace(temporary: Path, output: Path) -> None:
         temporary.rename(output)
 
 
-def _log_inputs(items: list[InputFile], scans: list[FileScan]) -> None:
-    kinds = {"text": "text file", "jsonl": "JSON Lines file", "saved": "saved dataset"}
-    parts = []
-    for kind, label in kinds.items():
-        n = sum(1 for item in items if item.kind == kind)
-        if n:
-            parts.append(f"{n} {label}{'s' if n > 1 else ''}")
-    size = sum(scan.bytes for scan in scans)
-    log(f"inputs: {', '.join(parts)}" + (f" ({size / 1e6:,.1f} MB of text)" if size else ""))
-
-
-def _names(items: list[InputFile], limit: int = 3) -> str:
-    names = ", ".join(item.path for item in items[:limit])
-    return names + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-
-def _progress(items: list, desc: str) -> Any:
-    if len(items) < 20:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit=" files")
 
 
 def _hash(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+    return stable_hash(value)
 
 
 # ============================================================================================

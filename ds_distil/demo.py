@@ -56,9 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=64, help="maximum sequence length in tokens")
     parser.add_argument("--teacher-layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--teacher-steps", type=int, default=1500, help="MLM pretraining steps of the teacher")
+    parser.add_argument("--teacher-steps", type=int, default=2500, help="MLM pretraining steps of the teacher")
     parser.add_argument("--teacher-lr", type=float, default=1e-3)
-    parser.add_argument("--student-steps", type=int, default=500, help="steps of distillation and of the baseline")
+    parser.add_argument("--student-steps", type=int, default=400, help="steps of distillation and of the baseline")
     parser.add_argument("--student-lr", type=float, default=1e-3)
     parser.add_argument("--batch", type=int, default=64, help="global batch in sequences")
     parser.add_argument("--ranks", type=int, default=2, help="ranks of the deepspeed launcher for the students")
@@ -146,10 +146,11 @@ def run(args) -> int:
     print(f"    {len(task['classes'])} classes ({', '.join(task['classes'])}), {task['train']:,} training and "
           f"{task['dev']:,} held-out paragraphs")
     finetune_out = work / "finetune"
-    _cli(env, "finetune", "--models", *(f"{n}={p}" for n, p in exported.items()), "--task", "docsource",
-         "--data", task_dir, "--text-columns", "text", "--output", finetune_out, "--lr", args.finetune_lr,
-         "--seeds", args.finetune_seeds, "--epochs", args.finetune_epochs, "--batch-size", 32,
-         "--max-seq-len", args.seq_len, "--log-interval", 1000, "--deepspeed-config", ds_json)
+    _launch(env, args.ranks, "finetune", "--models", *(f"{n}={p}" for n, p in exported.items()),
+            "--task", "docsource", "--data", task_dir, "--text-columns", "text", "--output", finetune_out,
+            "--lr", args.finetune_lr, "--seeds", args.finetune_seeds, "--epochs", args.finetune_epochs,
+            "--batch-size", 32, "--max-seq-len", args.seq_len, "--log-interval", 1000,
+            "--deepspeed-config", ds_json)
     downstream = json.loads((finetune_out / "results.json").read_text())
     summary = add_downstream(summary, downstream, task)
     summary.update(exported_models={n: str(p) for n, p in exported.items()},
@@ -312,14 +313,21 @@ def _run_stage(cmd: list[str], env: dict) -> None:
 
 
 def _train(env: dict, ranks: int, config_path: Path) -> None:
+    _launch(env, ranks, "train", "--config", config_path)
+
+
+def _launch(env: dict, ranks: int, *args) -> None:
+    """A ds-distil command on ``ranks`` processes of the ``deepspeed`` launcher (one: directly)."""
     from ds_distil.distributed import free_port
 
     if ranks == 1:
-        return _cli(env, "train", "--config", config_path)
+        return _cli(env, *args)
+    # The cores shared out: oversubscribed OpenMP threads spin against each other, and a
+    # small model's step then runs several times slower.
     env = dict(env, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // ranks)))
     _run_stage([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
                 "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                "--module", "ds_distil", "train", "--config", str(config_path)], env)
+                "--module", "ds_distil", *map(str, args)], env)
 
 
 def _write_ds_config(path: Path, global_batch: int, ranks: int) -> None:

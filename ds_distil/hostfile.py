@@ -26,10 +26,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ds_distil.errors import UserError
+from ds_distil.errors import UserError, require_output_path
 
 # A host name or IPv4 address as pdsh and ssh accept them.
 _HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 # What ranks on other nodes need from the launching shell when DeepSpeed starts them over
@@ -173,14 +174,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.check:
+    if args.check is not None:
+        if not args.check.strip():
+            raise UserError("--check: empty; give the hostfile's path")
+        if Path(args.check).is_dir():
+            raise UserError(f"--check {args.check} is a directory; give the hostfile's path")
         print(f"{args.check}: {describe(read_hostfile(args.check))}")
         return 0
-    if args.write_env:
+    if args.write_env is not None:
+        require_output_path(args.write_env, "--write-env", "file")
         names = [n.strip() for n in args.forward.split(",") if n.strip()]
+        bad = [n for n in names if not _VAR_RE.match(n)]
+        if bad:
+            raise UserError(f"--forward {args.forward!r}: {bad[0]!r} is not an environment variable name; "
+                            "give comma-separated names, e.g. PATH,LD_LIBRARY_PATH")
         written = write_deepspeed_env(args.write_env, names)
         print(f"wrote {args.write_env}: {', '.join(written) or 'nothing (none of them is set)'}")
         return 0
+    if args.output != "-":
+        require_output_path(args.output, "--output", "file")
     slots = args.slots
     if slots is None:
         env_slots = os.environ.get("SLURM_GPUS_ON_NODE", "")

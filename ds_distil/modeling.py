@@ -8,6 +8,8 @@ and head lets ds-distil project just the rows it needs.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -77,18 +79,190 @@ def zero3_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
-def load_masked_lm(path: str, dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a supported masked-LM from a local HF directory (never from a hub)."""
+# The class ``load_masked_lm`` builds for a config.json without BertForPreTraining in it.
+MASKED_LM_BY_TYPE = {"bert": "BertForMaskedLM", "distilbert": "DistilBertForMaskedLM",
+                     "roberta": "RobertaForMaskedLM"}
+
+
+def architecture_problem(config: dict, config_file: str | Path = "config.json") -> str | None:
+    """Why ds-distil cannot train or distil the model of this ``config.json``, or None.
+
+    The class that would be built must be a supported masked LM, and a checkpoint saved
+    as another class (``BertModel``, ``GPT2LMHeadModel``...) is refused too: it has no
+    MLM head, which loading would fill with random weights.
+    """
+    archs = config.get("architectures") or []
+    model_type = config.get("model_type")
+    saved = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    built = "BertForPreTraining" if saved == "BertForPreTraining" else MASKED_LM_BY_TYPE.get(model_type)
+    name = saved or built or f"model_type {model_type!r}"
+    if built is None or (saved is not None and saved not in SUPPORTED):
+        return (f"{config_file}: architecture {name} is not supported; ds-distil trains and distils "
+                f"{', '.join(SUPPORTED)} (a masked LM with its head)")
+    return None
+
+
+def max_positions(config: dict) -> int | None:
+    """The longest sequence a model of this ``config.json`` takes (RoBERTa's positions start
+    after its padding index), or None when the config does not say."""
+    limit = config.get("max_position_embeddings")
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return None
+    if config.get("model_type") == "roberta":
+        pad = config.get("pad_token_id")
+        return limit - (pad if isinstance(pad, int) else 1) - 1
+    return limit
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def weights_problem(directory: str | Path) -> str | None:
+    """Why the weights of a model directory cannot load, found from file headers only, or None.
+
+    Safetensors files are checked against their header: the header must parse and the
+    file must be exactly as long as the tensors it lists (a truncated copy is not);
+    a sharded index must name shards that exist; a torch zip must have its directory.
+    """
+    import zipfile
+
+    directory = Path(directory)
+    found = [name for name in WEIGHT_FILES if (directory / name).is_file()]
+    if not found:
+        return (f"{directory} has no weights ({', '.join(WEIGHT_FILES[::2])}): save the model there with "
+                "save_pretrained() (ds-distil init-student writes a student's)")
+    name = found[0]
+    if name.endswith(".index.json"):
+        try:
+            shards = sorted(set(json.loads((directory / name).read_text())["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+            return f"{directory / name} is not a weight index ({err}): save the model again with save_pretrained()"
+    else:
+        shards = [name]
+    for shard in shards:
+        path = directory / shard
+        if not path.is_file():
+            return f"{path} is missing (listed in {directory / name}): copy it there, or save the model again"
+        if shard.endswith(".safetensors"):
+            problem = safetensors_problem(path)
+        elif path.stat().st_size == 0 or (_starts_with(path, b"PK") and not zipfile.is_zipfile(path)):
+            problem = f"{path} is empty or truncated"
+        else:
+            problem = None
+        if problem:
+            return f"{problem}: restore the file, or save the model again with save_pretrained()"
+    return None
+
+
+def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape, from a safetensors header (checked by :func:`safetensors_problem`)."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    return {name: list(t["shape"]) for name, t in header.items() if name != "__metadata__"}
+
+
+def weights_shape_problem(directory: str | Path) -> str | None:
+    """Whether the safetensors weights fit the model that config.json describes, or why not.
+
+    The model is built on the meta device (no memory, no weights read) and every tensor
+    present in both is compared by shape: a config.json edited or copied from another
+    model is found before a start loads anything. Call once :func:`weights_problem` and
+    :func:`architecture_problem` found nothing.
+    """
     from transformers import AutoConfig, AutoModelForMaskedLM, BertForPreTraining
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    archs = config.architectures or []
+    directory = Path(directory)
+    if (directory / "model.safetensors").is_file():
+        files = [directory / "model.safetensors"]
+    elif (directory / "model.safetensors.index.json").is_file():
+        index = json.loads((directory / "model.safetensors.index.json").read_text())
+        files = [directory / name for name in sorted(set(index["weight_map"].values()))]
+    else:
+        return None  # torch pickles: only a load reads their shapes
+    saved = {}
+    for path in files:
+        saved.update(_safetensors_shapes(path))
+    try:
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        with torch.device("meta"):
+            model = BertForPreTraining(config) if "BertForPreTraining" in (config.architectures or []) else \
+                AutoModelForMaskedLM.from_config(config)
+    except Exception as err:  # noqa: BLE001 - transformers raises ValueError, TypeError, KeyError...
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        return f"{directory / 'config.json'} does not describe a model transformers can build ({reason})"
+    expected = {name: list(t.shape) for name, t in model.state_dict().items()}
+    differ = [name for name in saved if name in expected and saved[name] != expected[name]]
+    if not differ:
+        return None
+    name = differ[0]
+    return (f"{files[0] if len(files) == 1 else directory} holds {name} of shape {saved[name]}, but "
+            f"{directory / 'config.json'} makes it {expected[name]} ({len(differ)} tensor(s) differ): the config "
+            "and the weights are of different models; restore the model's own config.json, or save the model "
+            "again with save_pretrained()")
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
+
+
+def safetensors_problem(path: str | Path) -> str | None:
+    """Why a safetensors file is damaged (from its header and its size), or None."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 2 or length > size - 8:
+            return f"{path} is truncated or not a safetensors file ({size:,} bytes, no complete header)"
+        try:
+            header = json.loads(f.read(length))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return f"{path} has a damaged safetensors header"
+    expected = 8 + length + end
+    if size != expected:
+        return (f"{path} is truncated or damaged ({size:,} bytes, its header lists {expected:,})" if size < expected
+                else f"{path} has {size - expected:,} bytes after its last tensor (damaged)")
+    return None
+
+
+def load_masked_lm(path: str, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a supported masked-LM from a local HF directory (never from a hub).
+
+    A path that is not a model directory, an unsupported architecture or weights that do
+    not load are a :class:`~ds_distil.errors.UserError` naming the directory.
+    """
+    from transformers import AutoConfig, AutoModelForMaskedLM, BertForPreTraining
+
+    from ds_distil.errors import UserError
+
+    directory = Path(path)
+    if not (directory / "config.json").is_file():  # never let transformers take it for a hub id
+        raise UserError(f"{path}: not a model directory (no config.json); pass a local Hugging Face model directory")
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{directory / 'config.json'}: unreadable ({err}); save the model again") from None
+    problem = (architecture_problem(raw, directory / "config.json") if isinstance(raw, dict) else None) \
+        or weights_problem(directory)
+    if problem:
+        raise UserError(problem)
     kwargs = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    if "BertForPreTraining" in archs:
-        return BertForPreTraining.from_pretrained(path, **kwargs)
-    return AutoModelForMaskedLM.from_pretrained(path, **kwargs)
+    try:
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        if "BertForPreTraining" in (config.architectures or []):
+            return BertForPreTraining.from_pretrained(str(directory), **kwargs)
+        return AutoModelForMaskedLM.from_pretrained(str(directory), **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
+        reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: the model does not load ({reason}); its config.json and weights must belong "
+                        "together: save it again with save_pretrained() (or rebuild the student with "
+                        "ds-distil init-student)") from None
 
 
 def count_parameters(model: nn.Module) -> int:

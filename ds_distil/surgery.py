@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from ds_distil import __version__
-from ds_distil.errors import UserError
+from ds_distil.errors import UserError, require_output_path
 
 if TYPE_CHECKING:  # imported for annotations only: the CLI must not pay for torch at import
     import torch
@@ -246,7 +246,12 @@ def load_teacher(teacher_dir: str | os.PathLike) -> tuple["PreTrainedModel", dic
     import torch
     import transformers
 
+    from ds_distil.modeling import weights_problem
+
     _, class_name = read_teacher_config(teacher_dir)
+    problem = weights_problem(teacher_dir)  # from the file headers: a truncated copy is named as such
+    if problem:
+        raise UserError(f"cannot load the teacher in {teacher_dir}: {problem}")
     model_class = getattr(transformers, class_name)
     try:
         with quiet_transformers():
@@ -516,6 +521,9 @@ def build_student(teacher_dir: str | os.PathLike, output_dir: str | os.PathLike,
     into place, so a failure leaves nothing half-written. Returns the layer_map.json
     content.
     """
+    if not str(teacher_dir).strip():
+        raise UserError("--teacher: empty; give the teacher's directory (saved with save_pretrained())")
+    require_output_path(output_dir, "--output", "dir")  # "" would be the current directory
     teacher_path, output = Path(teacher_dir).resolve(), Path(output_dir).resolve()
     config, _ = read_teacher_config(teacher_path)
     # Validate the layer map from config.json before the slow load.
@@ -535,8 +543,9 @@ def build_student(teacher_dir: str | os.PathLike, output_dir: str | os.PathLike,
 def _check_output(output: Path, teacher: Path, force: bool) -> None:
     if output == teacher or teacher.is_relative_to(output):
         raise UserError(f"--output {output} would replace the teacher directory {teacher}; choose another --output")
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} exists and is a file; choose a directory path")
+    if output.is_relative_to(teacher):
+        raise UserError(f"--output {output} would write into the teacher directory {teacher}; choose another --output")
+    require_output_path(output, "--output", "dir")
     if output.is_dir() and any(output.iterdir()) and not force:
         raise UserError(f"output directory {output} exists and is not empty; choose another --output "
                         f"or pass --force to replace it")

@@ -231,6 +231,11 @@ class Trainer:
             self._resume(checkpoint, resume_state)
         elif cfg.train.seed is not None:
             torch.manual_seed(cfg.train.seed + dist_info.rank)
+        if self.is_main:
+            # What `ds-distil export` needs to rebuild the HF model around the weights; written
+            # once the checkpoint loaded, so a refused resume never relabels a run's checkpoints.
+            self.engine.module.student.config.save_pretrained(self.ckpt_root / checkpoint.STUDENT_HF)
+            self.tokenizer.save_pretrained(self.ckpt_root / checkpoint.STUDENT_HF)
 
         from ds_distil.metrics import MetricsWriter
 
@@ -311,10 +316,6 @@ class Trainer:
         self.ds_resolved = resolved
         engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                         if p.requires_grad], config=resolved)
-        if self.is_main:
-            # What `ds-distil export` needs to rebuild the HF model around the weights.
-            student.config.save_pretrained(self.ckpt_root / checkpoint.STUDENT_HF)
-            self.tokenizer.save_pretrained(self.ckpt_root / checkpoint.STUDENT_HF)
         return engine
 
     def _resume(self, checkpoint, state):
@@ -324,8 +325,10 @@ class Trainer:
         except Exception as err:  # noqa: BLE001 - DeepSpeed raises anything from torch.load/pickle
             if checkpoint.is_collective_error(err):
                 raise
-            raise UserError(f"{where}: DeepSpeed could not load this checkpoint ({_first_line(err)}); delete "
-                            "this directory to resume from the previous checkpoint, or start a fresh output_dir")
+            raise UserError(f"{where}: DeepSpeed could not load this checkpoint ({_first_line(err)}): if it was "
+                            "written for another student or DeepSpeed config, choose another output_dir (the "
+                            "checkpoint stays as it is); if it is damaged, move it away to resume from the "
+                            "previous one")
         if load_path is None:
             raise UserError(f"{where}: DeepSpeed could not load this checkpoint; resume from another tag "
                             "or start a fresh output_dir")

@@ -214,10 +214,14 @@ def test_bad_input_is_refused_with_every_problem_named(case, make_run, tmp_path,
 
 
 def test_the_fix_a_message_names_works(make_run, tmp_path, student_dir, capsys):
-    """The width check reads config.json only: with the fix it names (alpha_cos=0) the run is accepted."""
+    """A student wider than its teacher: with the fix the message names (alpha_cos=0) the run is accepted."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
     from ds_distil.cli import main
 
     wide = _copy_student(student_dir, tmp_path / "wide", dim=48)
+    # Weights that match the wider config: a real start would refuse 32-wide ones (and so does --check).
+    AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(wide)).save_pretrained(wide)
     assert main(["train", "--check", "--config", str(make_run(student=wide)), "loss.alpha_cos=0"]) == 0, \
         capsys.readouterr().err
 
