@@ -412,15 +412,27 @@ def export(checkpoint: str | Path, output: str | Path, tag: str | None = None, f
                         "the config there belongs to another student: copy this run's student config.json "
                         "into it") from None
     model.tie_weights()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{hf_dir}: its tokenizer files do not load ({_one_line(err)}); copy the student "
+                        "directory's tokenizer files there") from None
+    save_hf_atomically(model, tokenizer, output)
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return {"tag": tag, "output": str(output), "parameters": params}
+
+
+def save_hf_atomically(model, tokenizer, output: Path) -> None:
+    """``model`` (safetensors) and ``tokenizer`` as an HF directory at ``output``, all or nothing.
+
+    Written into a hidden sibling directory and renamed over ``output`` once complete, so a
+    crash or a full disk never leaves a half-written model where a good one was.
+    """
+    output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise UserError(f"{hf_dir}: its tokenizer files do not load ({_one_line(err)}); copy the student "
-                            "directory's tokenizer files there") from None
         tokenizer.save_pretrained(tmp)
         if output.exists():
             shutil.rmtree(output)
@@ -428,8 +440,6 @@ def export(checkpoint: str | Path, output: str | Path, tag: str | None = None, f
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    return {"tag": tag, "output": str(output), "parameters": params}
 
 
 def _one_line(err: BaseException) -> str:

@@ -6,7 +6,7 @@ Nothing is downloaded and no corpus ships with the repository:
    library and installed packages), deduplicated paragraphs of 8+ words, each labelled
    with the package it comes from;
 2. train a WordPiece tokenizer on it and ``ds-distil prepare`` the data (held-out split);
-3. pretrain a small BERT teacher with the trainer (MLM only, one process);
+3. pretrain a small BERT teacher with the trainer (MLM only);
 4. ``ds-distil init-student`` a half-depth student and distil it with the ``deepspeed``
    launcher on 2 ranks (ZeRO-1, bf16 on CPU), TensorBoard logs included;
 5. train the same student architecture from random init, MLM only, for as many steps
@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--student-steps", type=int, default=400, help="steps of distillation and of the baseline")
     parser.add_argument("--student-lr", type=float, default=1e-3)
     parser.add_argument("--batch", type=int, default=64, help="global batch in sequences")
-    parser.add_argument("--ranks", type=int, default=2, help="ranks of the deepspeed launcher for the students")
+    parser.add_argument("--ranks", type=int, default=2, help="ranks of the deepspeed launcher (one thread each)")
     parser.add_argument("--task-classes", type=int, default=6, help="packages (classes) of the downstream task")
     parser.add_argument("--task-train", type=int, default=250, help="training paragraphs per class")
     parser.add_argument("--task-dev", type=int, default=100, help="held-out paragraphs per class")
@@ -116,8 +116,8 @@ def run(args) -> int:
                          hidden_size=args.hidden, num_heads=max(1, args.hidden // 64),
                          intermediate_size=4 * args.hidden, max_position=args.seq_len, output_dir=teacher_init)
 
-    _stage("3/8 pretraining the teacher (MLM only, 1 process)")
-    _train(env, 1, _run_config(work, "teacher", student=teacher_init, teacher=None, data=data_dir, ds=ds_json,
+    _stage(f"3/8 pretraining the teacher (MLM only, deepspeed, {args.ranks} ranks)")
+    _train(env, args.ranks, _run_config(work, "teacher", student=teacher_init, teacher=None, data=data_dir, ds=ds_json,
                                steps=args.teacher_steps, lr=args.teacher_lr))
     teacher_dir = work / "teacher"
     _cli(env, "export", "--checkpoint", work / "runs" / "teacher", "--output", teacher_dir, "--force")

@@ -691,21 +691,12 @@ class FinetuneRun(Trainer):
     def _save_model(self) -> None:
         if not self.is_main:
             return
-        import tempfile
-
         from transformers import AutoTokenizer
 
-        target = self.out / "model"
-        tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".model."))
-        try:
-            self.model.save_pretrained(tmp)
-            AutoTokenizer.from_pretrained(self.encoded.tokenizer_dir, local_files_only=True).save_pretrained(tmp)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        from ds_distil.checkpoint import save_hf_atomically
+
+        tokenizer = AutoTokenizer.from_pretrained(self.encoded.tokenizer_dir, local_files_only=True)
+        save_hf_atomically(self.model, tokenizer, self.out / "model")
 
 
 def _barrier_all() -> None:

@@ -1,0 +1,96 @@
+"""``ds-distil demo``: the corpus and downstream task it builds, its bad inputs, and a whole
+miniature run end to end (real launcher, real training, real fine-tuning)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import child_env
+from ds_distil import demo
+from ds_distil.cli import main as cli_main
+
+
+def test_harvest_labels_every_paragraph_with_its_package(tmp_path):
+    corpus, sources = tmp_path / "corpus.txt", tmp_path / "sources.txt"
+    stats = demo.harvest_docstrings(corpus, sources, target_bytes=200_000)
+    texts, labels = corpus.read_text().splitlines(), sources.read_text().splitlines()
+    assert len(texts) == len(labels) == stats["paragraphs"] > 100
+    assert set(labels) <= {demo.STDLIB, *demo.DOC_PACKAGES}
+    assert len(set(labels)) >= 3  # packages are interleaved: a small corpus still has several
+    assert all(len(t.split()) >= 8 for t in texts)
+    assert len(set(t.lower() for t in texts)) == len(texts)  # deduplicated
+
+
+def test_source_task_is_balanced_disjoint_and_uses_the_largest_packages(tmp_path):
+    corpus, sources = tmp_path / "corpus.txt", tmp_path / "sources.txt"
+    sizes = {"numpy": 30, "torch": 25, "python": 40, "pip": 5}
+    rows = [(f"{pkg} paragraph number {i} with enough words to pass", pkg) for pkg, n in sizes.items()
+            for i in range(n)]
+    corpus.write_text("".join(t + "\n" for t, _ in rows))
+    sources.write_text("".join(p + "\n" for _, p in rows))
+    task = demo.build_source_task(corpus, sources, tmp_path / "task", classes=3, train_per_class=15,
+                                  dev_per_class=5)
+    assert task["classes"] == ["numpy", "python", "torch"] and task["chance"] == pytest.approx(1 / 3)
+    train = [json.loads(line) for line in (tmp_path / "task" / "train.jsonl").read_text().splitlines()]
+    dev = [json.loads(line) for line in (tmp_path / "task" / "dev.jsonl").read_text().splitlines()]
+    assert len(train) == 45 and len(dev) == 15
+    for label in task["classes"]:
+        assert sum(r["label"] == label for r in train) == 15 and sum(r["label"] == label for r in dev) == 5
+    assert not {r["text"] for r in train} & {r["text"] for r in dev}
+    assert all(r["text"].startswith(r["label"]) for r in train + dev)  # labels follow their paragraphs
+    with pytest.raises(demo.UserError, match="fewer than two packages"):
+        demo.build_source_task(corpus, sources, tmp_path / "t2", classes=3, train_per_class=30, dev_per_class=5)
+
+
+def test_workdir_that_is_a_file_or_under_one_is_refused(tmp_path, capsys):
+    (tmp_path / "file").write_text("keep me")
+    for workdir in (tmp_path / "file", tmp_path / "file" / "run"):
+        assert cli_main(["demo", "--workdir", str(workdir)]) == 2
+        err = capsys.readouterr().err
+        assert str(tmp_path / "file") in err and "Traceback" not in err
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+def test_a_damaged_summary_is_reported_and_not_trusted(tmp_path, capsys):
+    path = tmp_path / "summary.json"
+    path.write_text('{"models": {"teacher": ')
+    assert demo._read_summary(path) is None
+    assert "damaged" in capsys.readouterr().err
+    path.write_text(json.dumps({"models": {}}))  # valid JSON, not a summary
+    assert demo._read_summary(path) is None
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_the_miniature_demo_runs_end_to_end_and_is_shown_again(tmp_path):
+    work = tmp_path / "demo"
+    args = [sys.executable, "-m", "ds_distil", "demo", "--workdir", str(work), "--corpus-mb", "0.6",
+            "--vocab-size", "512", "--hidden", "32", "--teacher-steps", "20", "--student-steps", "10",
+            "--batch", "16", "--task-classes", "3", "--task-train", "40", "--task-dev", "15",
+            "--finetune-seeds", "1,2", "--finetune-epochs", "1"]
+    env = child_env()
+    env.pop("OMP_NUM_THREADS")
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    summary = json.loads((work / "summary.json").read_text())
+    for name in ("teacher", "student", "baseline"):
+        model = summary["models"][name]
+        for key in ("parameters", "mlm_accuracy", "perplexity", "mlm_accuracy_smoothed", "downstream_accuracy",
+                    "latency_ms"):
+            assert model[key] > 0 or key == "mlm_accuracy", (name, key, model)
+        assert len(model["downstream_seed_scores"]) == 2
+        assert Path(summary["exported_models"][name], "config.json").is_file()
+        assert Path(summary["finetuned_models"][name], "config.json").is_file()
+    assert summary["models"]["student"]["parameters"] == summary["models"]["baseline"]["parameters"]
+    assert summary["models"]["student"]["parameters"] < summary["models"]["teacher"]["parameters"]
+    assert Path(summary["tensorboard_dir"], "student", "tensorboard").is_dir()
+    assert demo.format_table(summary) in proc.stdout
+    # A second run shows the finished demo instead of redoing it.
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "holds a finished demo" in again.stdout
+    assert demo.format_table(summary) in again.stdout
