@@ -11,17 +11,27 @@ weights and the same synthetic batches:
   AdamW step (``ReferenceStep`` and ``reference_losses`` below; the tests compare the fast
   losses against them).
 
-For each it reports tokens/s (real tokens), step time, the teacher's and the student's
-share of it, achieved TFLOP/s (teacher forward and student forward+backward counted
-separately) and peak memory; then the speed ratio and the model-FLOP utilisation (MFU)
-against the bf16 and fp32 matmul peaks measured in the same run. Optional sweeps: step
-time against sequence length (in process) and peak memory against ZeRO stage (one child
-process per stage, since peak memory is per process).
+For each it reports tokens/s (real tokens) and step time as the median over the timed
+steps with their spread (min-max), the teacher's and the student's share of the time,
+achieved TFLOP/s (teacher forward and student forward+backward counted separately) and
+peak memory; then the speed ratio and the model-FLOP utilisation (MFU) against the bf16
+and fp32 matmul peaks measured in the same run (the best over several sizes and repeats,
+before and after the steps). Optional sweeps, each point in a child process: step time
+against sequence length, peak memory against ZeRO stage, and tokens/s against
+micro-batch (up to the largest that fits). From the best tokens/s per device it projects
+the wall time of the paper's full run (3 epochs of about 4.3 B tokens) on ``--gpus`` devices.
 
-FLOPs are *model* FLOPs, the same count for both formulations: matmuls of the encoder
-over each sequence's real tokens (attention included) and of the MLM head at the rows a
-loss needs; a backward pass counts twice its forward. Work a formulation spends on
-padding or on logits no loss uses is not counted, so the TFLOP/s ratio is the speed ratio.
+**Honest numbers.** Other processes' CPU use is measured during every phase (/proc/stat
+minus this process); when they took cores the benchmark needed, the report says
+"BUSY MACHINE: not a valid measurement" on every MFU, speed-up and projection line and
+the JSON records ``"busy": true``. ``--wait-idle S`` first waits up to S seconds for a
+quiet machine.
+
+FLOPs are *model* FLOPs (``ds_distil.metrics``), the same count for both formulations:
+matmuls of the encoder over each sequence's real tokens (attention included) and of the
+MLM head at the rows a loss needs; a backward pass counts twice its forward. Work a
+formulation spends on padding or on logits no loss uses is not counted, so the TFLOP/s
+ratio is the speed ratio.
 """
 
 from __future__ import annotations
@@ -67,11 +77,16 @@ class Preset:
 PRESETS = {
     # BERT-base -> DistilBERT (6 layers); random weights are enough for speed.
     "base": Preset(vocab_size=30522, hidden=768, layers=12, heads=12, ffn=3072, student_layers=6,
-                   seq_len=128, micro_batch=32, steps=3),
+                   seq_len=128, micro_batch=32, steps=10),
     # A few seconds on 2 CPU cores: the test suite runs it through the CLI.
     "small": Preset(vocab_size=1024, hidden=64, layers=4, heads=2, ffn=256, student_layers=2,
-                    seq_len=64, micro_batch=8, steps=2, unk_id=1, cls_id=2, sep_id=3, mask_id=4),
+                    seq_len=64, micro_batch=8, steps=5, unk_id=1, cls_id=2, sep_id=3, mask_id=4),
 }
+
+# The paper's full run: 3 epochs over English Wikipedia + BookCorpus, about 4.3 B
+# WordPiece tokens per epoch (issue #12's figure), for the wall-time projection.
+FULL_RUN_EPOCHS = 3
+FULL_RUN_TOKENS_PER_EPOCH = 4.3e9
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="base: BERT-base -> 6-layer DistilBERT; small: a tiny pair for tests (default base)")
     parser.add_argument("--seq-len", type=int, help="longest sequence (default: the preset's, 128 for base)")
     parser.add_argument("--micro-batch", type=int, help="sequences per step (default: the preset's)")
-    parser.add_argument("--steps", type=int, help="timed steps per formulation (default: the preset's)")
+    parser.add_argument("--steps", type=int,
+                        help="timed steps per formulation; times are their median (default: the preset's, 10 for base)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing (default 1)")
     parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0,
                         help="ZeRO stage of ds-distil's engine (default 0: one rank has nothing to shard)")
@@ -94,6 +110,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zero-stages", metavar="S,S,...",
                         help="also measure ds-distil's peak memory at these ZeRO stages, e.g. 0,1,2,3 "
                              "(one child process per stage, single rank)")
+    parser.add_argument("--micro-batches", metavar="N,N,...",
+                        help="also measure ds-distil's tokens/s at these micro-batches, e.g. 32,64,128,256 "
+                             "(one child process each, in increasing order, stopping at the first that runs out "
+                             "of memory: the largest that fits)")
+    parser.add_argument("--gpus", type=int, default=8,
+                        help="devices for the projected wall time of the paper's full run (default 8)")
+    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                        help="before measuring, wait up to this long for other processes to leave the CPUs "
+                             "(default 0: measure at once; a busy machine is reported either way)")
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON to this file")
 
 
@@ -102,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
     settings = resolve_settings(args)
     if args.json is not None:
         require_output_path(args.json, "--json", "file")  # before the benchmark runs, not after
+    import torch
+
     if settings["precision"] == "fp16" and _device().type == "cpu":
         raise UserError("--precision fp16: DeepSpeed runs fp16 on GPUs only; use bf16 (the default) on CPUs")
     from ds_distil.distributed import setup_distributed, teardown_distributed
@@ -111,16 +138,41 @@ def run(args: argparse.Namespace) -> int:
         if info.world_size != 1:
             raise UserError(f"ds-distil bench runs in a single process, not {info.world_size} ranks: "
                             "start it with python/ds-distil, not a launcher")
+        waited = wait_for_idle(settings["wait_idle"], _threads(_device()))
         result = benchmark(settings)
+        result["load"]["waited_for_idle_s"] = waited
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        # The micro-batch sweep's parent reads this exit status as "does not fit".
+        print(f"ds-distil bench: out of memory at micro-batch {settings['micro_batch']}, "
+              f"seq-len {settings['seq_len']} ({type(err).__name__})", file=sys.stderr)
+        return EXIT_OUT_OF_MEMORY
     finally:
         teardown_distributed()
-    if settings["seq_lens"] or settings["zero_stages"]:
+    if settings["seq_lens"] or settings["zero_stages"] or settings["micro_batches"]:
         result.update(sweeps(settings))
+        judge_sweeps(result)
+    result["projection"] = projection(result, settings["gpus"])
     print(format_report(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+# Exit status of a bench that ran out of device (or host) memory.
+EXIT_OUT_OF_MEMORY = 3
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says memory ran out: torch's OutOfMemoryError (CUDA caching allocator),
+    Python's MemoryError, or a RuntimeError of torch's CPU allocator or of a CUDA library."""
+    import torch
+
+    text = str(err)
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or any(
+        sign in text for sign in ("can't allocate memory", "out of memory", "CUBLAS_STATUS_ALLOC_FAILED"))
 
 
 def resolve_settings(args: argparse.Namespace) -> dict:
@@ -134,12 +186,18 @@ def resolve_settings(args: argparse.Namespace) -> dict:
                 "precision": args.precision, "ce_positions": args.ce_positions,
                 "formulations": [args.only] if args.only else list(FORMULATIONS),
                 "seq_lens": _int_list(args.seq_lens, "--seq-lens"),
-                "zero_stages": _int_list(args.zero_stages, "--zero-stages")}
-    for name in ("micro_batch", "steps"):
+                "zero_stages": _int_list(args.zero_stages, "--zero-stages"),
+                "micro_batches": sorted(set(_int_list(args.micro_batches, "--micro-batches"))),
+                "gpus": args.gpus, "wait_idle": args.wait_idle}
+    for name in ("micro_batch", "steps", "gpus"):
         if settings[name] < 1:
             raise UserError(f"--{name.replace('_', '-')} {settings[name]}: must be >= 1")
     if settings["warmup"] < 0:
         raise UserError(f"--warmup {settings['warmup']}: must be >= 0")
+    if not 0 <= settings["wait_idle"] < float("inf"):
+        raise UserError(f"--wait-idle {settings['wait_idle']}: give seconds >= 0 (0: measure at once)")
+    if any(n < 1 for n in settings["micro_batches"]):
+        raise UserError(f"--micro-batches {args.micro_batches}: every micro-batch must be >= 1")
     for n in [seq_len, *settings["seq_lens"]]:
         if not 16 <= n <= preset.max_position:
             raise UserError(f"sequence length {n}: must be in 16..{preset.max_position} (the models' positions)")
@@ -168,7 +226,8 @@ def build_teacher(preset: Preset, seed: int = 0):
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=preset.vocab_size, hidden_size=preset.hidden, num_hidden_layers=preset.layers,
                         num_attention_heads=preset.heads, intermediate_size=preset.ffn,
-                        max_position_embeddings=preset.max_position, pad_token_id=preset.pad_id)
+                        max_position_embeddings=preset.max_position, pad_token_id=preset.pad_id,
+                        attn_implementation="sdpa")  # PyTorch SDPA (flash / memory-efficient kernels)
     return BertForMaskedLM(config)
 
 
@@ -180,7 +239,7 @@ def build_student(preset: Preset, seed: int = 1):
     torch.manual_seed(seed)
     config = DistilBertConfig(vocab_size=preset.vocab_size, dim=preset.hidden, n_layers=preset.student_layers,
                               n_heads=preset.heads, hidden_dim=preset.ffn, max_position_embeddings=preset.max_position,
-                              pad_token_id=preset.pad_id)
+                              pad_token_id=preset.pad_id, attn_implementation="sdpa")
     return DistilBertForMaskedLM(config)
 
 
@@ -216,19 +275,11 @@ def synthetic_batches(preset: Preset, seq_len: int, micro_batch: int, count: int
 
 # ---------------------------------------------------------------------- FLOPs
 
-def encoder_flops(hidden: int, ffn: int, layers: int, lengths) -> float:
-    """Forward matmul FLOPs of ``layers`` transformer layers over sequences of the given real lengths."""
-    per_token = 8 * hidden * hidden + 4 * hidden * ffn  # Q, K, V, output projections; the FFN
-    return float(sum(layers * (n * per_token + 4 * n * n * hidden) for n in lengths))  # + QK^T and AV
-
-
-def head_flops(hidden: int, vocab: int, rows: int) -> float:
-    """Forward matmul FLOPs of the MLM head (transform + vocabulary projection) at ``rows`` rows."""
-    return float(rows * (2 * hidden * hidden + 2 * hidden * vocab))
-
-
 def step_flops(preset: Preset, batch: dict, ce_positions: str) -> dict:
-    """Model FLOPs of one step on ``batch``: teacher forward, student forward+backward."""
+    """Model FLOPs of one step on ``batch``: teacher forward, student forward+backward
+    (``ds_distil.metrics``' count, at each sequence's own length)."""
+    from ds_distil.metrics import encoder_flops, head_flops
+
     mask = batch["attention_mask"]
     lengths = mask.sum(1).tolist()
     real = int(mask.sum())
@@ -362,24 +413,108 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak_tflops(dtype, device, seconds: float = 1.0, size: int = 2048) -> float:
-    """Best achieved TFLOP/s of square ``size`` GEMMs in ``dtype`` (the machine's matmul peak)."""
+# ---------------------------------------------------------------------- machine load
+
+# Cores other processes may keep busy, beyond those the benchmark leaves free, before a
+# measurement is called busy: an idle Linux machine's daemons stay well below it.
+BUSY_MARGIN_CORES = 0.25
+# Phases shorter than this are judged only as part of the whole run: /proc/stat counts
+# in 10 ms ticks, too coarse for a verdict on a fraction of a second.
+MIN_JUDGED_S = 1.0
+# Device memory that other processes may hold on the benchmark's GPU.
+BUSY_GPU_GIB = 2.0
+
+
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(busy CPU seconds of the whole machine since boot, this process's CPU seconds), or None."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq steal: all but idle and iowait are busy
+    # (steal is time other virtual machines on the host took; guest time is in user).
+    ticks = [int(x) for x in fields[1:9]]
+    busy = sum(ticks[i] for i in (0, 1, 2, 5, 6, 7))
+    return busy / os.sysconf("SC_CLK_TCK"), time.process_time()
+
+
+class MachineLoad:
+    """How many cores other processes kept busy, on average, during a ``with`` block.
+
+    The machine's busy CPU time (/proc/stat) minus this process's own (all its threads),
+    over the wall time. ``other_cores`` is None where /proc/stat cannot be read.
+    """
+
+    def __enter__(self):
+        self._start, self._wall = _cpu_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        end = _cpu_seconds()
+        self.seconds = time.perf_counter() - self._wall
+        self.other_cores = None
+        if self._start is not None and end is not None and self.seconds > 0:
+            others = (end[0] - self._start[0]) - (end[1] - self._start[1])
+            self.other_cores = max(0.0, others / self.seconds)
+
+    def as_dict(self) -> dict:
+        return {"seconds": self.seconds, "other_cores": self.other_cores}
+
+
+def _threads(device) -> int:
+    """CPU threads the benchmark keeps busy: torch's on CPU, the launching thread on a GPU."""
     import torch
 
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    a @ b  # warm-up: library dispatch, packing buffers
-    best = 0.0
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        _synchronize(device)
-        start = time.perf_counter()
-        for _ in range(4 if device.type == "cuda" else 1):
-            a @ b
-        _synchronize(device)
-        elapsed = time.perf_counter() - start
-        best = max(best, (4 if device.type == "cuda" else 1) * 2 * size**3 / elapsed / 1e12)
-    return best
+    return torch.get_num_threads() if device.type == "cpu" else 1
+
+
+def allowed_other_cores(threads: int) -> float:
+    """Other processes' average CPU use below which a measurement with ``threads`` threads is valid."""
+    return max(0, (os.cpu_count() or 1) - threads) + BUSY_MARGIN_CORES
+
+
+def judge_load(phases: dict[str, dict], threads: int, gpu_other_gib: float | None = None) -> dict:
+    """The verdict on a run's phases: ``busy`` (None: the load could not be read) and why."""
+    allowed = allowed_other_cores(threads)
+    measured = {k: v for k, v in phases.items() if v["other_cores"] is not None}
+    judged = {k: v for k, v in measured.items() if v["seconds"] >= MIN_JUDGED_S} or measured
+    verdict = {"busy": None, "allowed_other_cores": allowed, "threads": threads, "cpu_count": os.cpu_count(),
+               "phases": phases, "gpu_other_gib": gpu_other_gib, "reason": "no /proc/stat: load unknown"}
+    if judged:
+        worst = max(judged, key=lambda k: judged[k]["other_cores"])
+        cores = judged[worst]["other_cores"]
+        verdict.update(busy=cores > allowed, worst_phase=worst, other_cores=cores,
+                       reason=f"other processes kept {cores:.2f} cores busy on average during {worst} "
+                              f"({'more' if cores > allowed else 'no more'} than the {allowed:.2f} allowed with "
+                              f"{threads} of {os.cpu_count()} cores in use)")
+    if gpu_other_gib is not None and gpu_other_gib > BUSY_GPU_GIB:
+        verdict["busy"] = True
+        verdict["reason"] += f"; other processes hold {gpu_other_gib:.1f} GiB on the GPU"
+    return verdict
+
+
+def gpu_memory_of_others(device) -> float | None:
+    """GiB of the GPU's memory held by other processes (and this one's CUDA context), or None on CPU."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free - torch.cuda.memory_reserved(device)) / 2**30
+
+
+def wait_for_idle(limit_s: float, threads: int) -> float:
+    """Wait up to ``limit_s`` seconds for a one-second sample in which the machine is quiet
+    enough to measure; returns the seconds waited (the verdict comes from the run itself)."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit_s:
+        with MachineLoad() as load:
+            time.sleep(1.0)
+        if load.other_cores is None or load.other_cores <= allowed_other_cores(threads):
+            break
+    return time.perf_counter() - start
 
 
 def _device():
@@ -453,7 +588,14 @@ def measure_reference(preset: Preset, batches: list[dict], settings: dict, devic
 
 
 def _time_steps(one_step, teacher_time, preset: Preset, batches: list[dict], settings: dict, device) -> dict:
-    """Run ``warmup`` untimed then ``steps`` timed steps; throughput, shares, FLOP/s, peak memory."""
+    """Run ``warmup`` untimed then ``steps`` timed steps, each timed whole.
+
+    Step time, tokens/s and TFLOP/s are medians over the timed steps (a step slowed by a
+    burst of other work moves a median little), with the min and max as the spread; the
+    teacher's share and the per-model TFLOP/s are over all timed steps together.
+    """
+    from statistics import median
+
     memory = PeakMemory(device)
     memory.reset()
     warmup, timed = batches[:settings["warmup"]], batches[settings["warmup"]:]
@@ -462,78 +604,111 @@ def _time_steps(one_step, teacher_time, preset: Preset, batches: list[dict], set
     _synchronize(device)
     teacher_time.pop_seconds()
     step_seconds = []
-    cpu_start = time.process_time()
-    for batch in timed:
-        start = time.perf_counter()
-        one_step(batch)
-        _synchronize(device)  # the benchmark's own sync: each step timed whole
-        step_seconds.append(time.perf_counter() - start)
+    with MachineLoad() as load:
+        for batch in timed:
+            start = time.perf_counter()
+            one_step(batch)
+            _synchronize(device)  # the benchmark's own sync: each step timed whole
+            step_seconds.append(time.perf_counter() - start)
     seconds = sum(step_seconds)
     teacher_seconds = teacher_time.pop_seconds()
     flops = [step_flops(preset, b, settings["ce_positions"]) for b in timed]
-    tokens = sum(f["tokens"] for f in flops)
+    tokens = [f["tokens"] for f in flops]
+    rates = [n / t for n, t in zip(tokens, step_seconds)]  # batches differ in length: rate per step
+    flop_rates = [(f["teacher"] + f["student"]) / t for f, t in zip(flops, step_seconds)]
     teacher_flops, student_flops = sum(f["teacher"] for f in flops), sum(f["student"] for f in flops)
     student_seconds = seconds - teacher_seconds
     return {
         "steps": len(timed),
-        "tokens_per_step": tokens / len(timed),
-        "tokens_per_s": tokens / seconds,
-        "step_s": seconds / len(timed),
         "step_seconds": step_seconds,
+        "step_tokens": tokens,
+        "tokens_per_step": sum(tokens) / len(timed),
+        "tokens_per_s": median(rates),
+        "tokens_per_s_min": min(rates),
+        "tokens_per_s_max": max(rates),
+        "step_s": median(step_seconds),
+        "step_s_min": min(step_seconds),
+        "step_s_max": max(step_seconds),
         "teacher_s": teacher_seconds / len(timed),
         "teacher_share": teacher_seconds / seconds,
         "student_share": student_seconds / seconds,
         "teacher_flop_share": teacher_flops / (teacher_flops + student_flops),
-        "tflops": (teacher_flops + student_flops) / seconds / 1e12,
+        "tflops": median(flop_rates) / 1e12,
         "teacher_tflops": teacher_flops / max(teacher_seconds, 1e-9) / 1e12,
         "student_tflops": student_flops / max(student_seconds, 1e-9) / 1e12,
         "peak_mem_gib": memory.peak_gib(),
         "peak_mem_of_phase": memory.resettable,  # False: the process's peak so far (reset refused)
-        "cpu_busy": _cpu_busy(time.process_time() - cpu_start, seconds),
+        "load": load.as_dict(),
     }
 
 
-def _cpu_busy(cpu_seconds: float, wall_seconds: float) -> float:
-    """Share of the wall time this process's threads were on a CPU (1.0: the machine was
-    ours alone; lower: other processes took cores and every number here is too low)."""
+def matmul_peaks(device, repeats: int) -> dict[str, dict[int, float]]:
+    """Best GEMM TFLOP/s per precision and size (fp16 on GPUs only: CPUs have no fast fp16)."""
     import torch
 
-    return cpu_seconds / max(wall_seconds * torch.get_num_threads(), 1e-9)
+    from ds_distil.metrics import matmul_tflops_by_size
+
+    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
+    if device.type == "cuda":
+        dtypes["fp16"] = torch.float16
+    sizes = (2048, 4096, 8192) if device.type == "cuda" else (512, 1024, 2048)
+    return {p: matmul_tflops_by_size(dtype, device, sizes, repeats) for p, dtype in dtypes.items()}
 
 
 def benchmark(settings: dict) -> dict:
-    """Both formulations (or one) on the same batches, plus the matmul peaks and the ratio."""
-    import torch
-
+    """Both formulations (or one) on the same batches, the matmul peaks, the ratio and the load verdict."""
     device = _device()
     if settings["precision"] == "fp16" and device.type == "cpu":
         raise UserError("--precision fp16: DeepSpeed runs fp16 on GPUs only; use bf16 (the default) on CPUs")
     preset = PRESETS[settings["preset"]]
     n = settings["warmup"] + settings["steps"]
     batches = synthetic_batches(preset, settings["seq_len"], settings["micro_batch"], n)
-    seconds = 0.3 if preset.hidden < 256 else 2.0  # the small preset: a short peak measurement too
-    size = 8192 if device.type == "cuda" else 2048  # large enough to reach the peak
-    dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
-    peaks = {p: matmul_peak_tflops(dtype, device, seconds, size) for p, dtype in dtypes.items()}
+    repeats = 2 if preset.hidden < 256 else 5  # the small preset: a short peak measurement too
+    gpu_others = gpu_memory_of_others(device)  # before this process allocates anything
     measure = {"ds-distil": measure_ds_distil, "reference": measure_reference}
-    results = {}
-    for name in settings["formulations"]:
-        results[name] = measure[name](preset, batches, settings, device)
-        results[name]["precision"] = settings["precision"] if name == "ds-distil" else "fp32"
-    # The peak again after the steps, keeping the best: on a shared machine one of the two
-    # measurements may have been slowed down by other processes.
-    peaks = {p: max(peaks[p], matmul_peak_tflops(dtype, device, seconds, size)) for p, dtype in dtypes.items()}
+    phases, results = {}, {}
+    with MachineLoad() as whole:
+        with MachineLoad() as load:
+            before = matmul_peaks(device, repeats)
+        phases["the peak before"] = load.as_dict()
+        for name in settings["formulations"]:
+            results[name] = measure[name](preset, batches, settings, device)
+            results[name]["precision"] = settings["precision"] if name == "ds-distil" else "fp32"
+            phases[name] = results[name]["load"]
+        # The peak again after the steps, keeping the best per size.
+        with MachineLoad() as load:
+            after = matmul_peaks(device, repeats)
+        phases["the peak after"] = load.as_dict()
+    phases["the whole run"] = whole.as_dict()
+    by_size = {p: {size: max(before[p][size], after[p][size]) for size in before[p]} for p in before}
+    peaks = {p: max(sizes.values()) for p, sizes in by_size.items()}
+    peaks.update(datasheet_peaks(device, settings["precision"]))
     for result in results.values():
         result["mfu"] = {p: result["tflops"] / peak for p, peak in peaks.items()}
+    verdict = judge_load(phases, _threads(device), gpu_others)
     out = {"machine": machine_info(device), "settings": _public(settings), "model": model_info(preset),
-           "matmul_peak_tflops": peaks, **results}
+           "busy": verdict["busy"], "load": verdict, "matmul_peak_tflops": peaks,
+           "matmul_tflops_by_size": {p: {str(k): v for k, v in sizes.items()} for p, sizes in by_size.items()},
+           **results}
     if len(results) == 2:
         out["speedup"] = results["ds-distil"]["tokens_per_s"] / results["reference"]["tokens_per_s"]
     return out
 
 
+def datasheet_peaks(device, precision: str) -> dict[str, float]:
+    """On a GPU the metrics table knows, its data-sheet peak at ``precision`` (the usual MFU base)."""
+    import torch
+
+    from ds_distil.metrics import known_peak_tflops
+
+    if device.type != "cuda":
+        return {}
+    known = known_peak_tflops(torch.cuda.get_device_name(device), precision)
+    return {f"{precision} data sheet": known} if known else {}
+
+
 def _public(settings: dict) -> dict:
-    return {k: v for k, v in settings.items() if k not in ("seq_lens", "zero_stages")}
+    return {k: v for k, v in settings.items() if k not in ("seq_lens", "zero_stages", "micro_batches")}
 
 
 def model_info(preset: Preset) -> dict:
@@ -544,7 +719,9 @@ def model_info(preset: Preset) -> dict:
     with torch.device("meta"):  # shapes only: no memory, no time
         teacher, student = build_teacher(preset), build_student(preset)
     return {"preset": asdict(preset), "teacher_parameters": count_parameters(teacher),
-            "student_parameters": count_parameters(student)}
+            "student_parameters": count_parameters(student),
+            "attention": {"teacher": teacher.config._attn_implementation,  # "sdpa": PyTorch's fused kernels
+                          "student": student.config._attn_implementation}}
 
 
 def machine_info(device) -> dict:
@@ -571,7 +748,8 @@ def machine_info(device) -> dict:
 # ---------------------------------------------------------------------- sweeps
 
 def sweeps(settings: dict) -> dict:
-    """Step time against sequence length and peak memory against ZeRO stage (ds-distil only)."""
+    """ds-distil's step, one child process per point: vs sequence length, vs ZeRO stage (peak
+    memory) and vs micro-batch (up to the largest that fits)."""
     out = {}
     if settings["seq_lens"]:
         tokens = settings["seq_len"] * settings["micro_batch"]
@@ -579,12 +757,21 @@ def sweeps(settings: dict) -> dict:
                                 for n in settings["seq_lens"]]
     if settings["zero_stages"]:
         out["zero_sweep"] = [_child(settings, zero_stage=s) for s in settings["zero_stages"]]
+    if settings["micro_batches"]:
+        rows = []
+        for n in settings["micro_batches"]:  # increasing
+            rows.append(_child(settings, micro_batch=n))
+            if not rows[-1]["fits"]:
+                break  # the larger ones will not fit either
+        out["micro_batch_sweep"] = rows
     return out
 
 
 def _child(settings: dict, **changes) -> dict:
-    """ds-distil's step measured in a fresh process (its own peak memory, its own engine)."""
+    """ds-distil's step measured in a fresh process (its own peak memory, its own engine);
+    ``fits`` is False when it ran out of memory."""
     s = {**settings, **changes}
+    point = {"seq_len": s["seq_len"], "micro_batch": s["micro_batch"], "zero_stage": s["zero_stage"]}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
         cmd = [sys.executable, "-m", "ds_distil.bench", "--preset", s["preset"], "--seq-len", str(s["seq_len"]),
@@ -595,61 +782,169 @@ def _child(settings: dict, **changes) -> dict:
         env = {k: v for k, v in os.environ.items()
                if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        # Out of memory: the child says so (exit 3), or the kernel's OOM killer ends it.
+        if proc.returncode in (EXIT_OUT_OF_MEMORY, -9):
+            return {**point, "fits": False}
         if proc.returncode != 0:
             raise RuntimeError(f"bench child failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
         child = json.loads(out.read_text())
-    keep = ("tokens_per_step", "tokens_per_s", "step_s", "teacher_share", "tflops", "mfu", "peak_mem_gib",
-            "cpu_busy")
-    return {"seq_len": s["seq_len"], "micro_batch": s["micro_batch"], "zero_stage": s["zero_stage"],
-            **{k: child["ds-distil"][k] for k in keep}}
+    keep = ("tokens_per_step", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "step_s", "step_s_min",
+            "step_s_max", "teacher_share", "tflops", "mfu", "peak_mem_gib")
+    return {**point, "fits": True, **{k: child["ds-distil"][k] for k in keep}, "busy": child["busy"],
+            "load": child["load"]}
+
+
+def judge_sweeps(result: dict) -> None:
+    """The run is busy if any measured point was: every number in the report is then suspect."""
+    rows = [r for key in ("seq_len_sweep", "zero_sweep", "micro_batch_sweep") for r in result.get(key, [])]
+    if any(r.get("busy") for r in rows):
+        result["busy"] = True
+        result["load"]["reason"] += "; busy during the sweeps too (see their rows)"
+
+
+def projection(result: dict, devices: int) -> dict | None:
+    """Wall time of the paper's full run (3 epochs x ~4.3 B tokens) on ``devices`` devices like
+    this one, from the best ds-distil tokens/s per device measured (the main run or a sweep
+    point). Perfect scaling is assumed, so it is a lower bound: no communication, no data
+    loading, no evaluation or checkpoints."""
+    candidates = []
+    if "ds-distil" in result:
+        candidates.append({"micro_batch": result["settings"]["micro_batch"], "seq_len": result["settings"]["seq_len"],
+                           "tokens_per_s": result["ds-distil"]["tokens_per_s"], "busy": result["busy"]})
+    candidates += [r for r in result.get("micro_batch_sweep", []) if r["fits"]]
+    if not candidates:
+        return None
+    best = max(candidates, key=lambda r: r["tokens_per_s"])
+    tokens = FULL_RUN_EPOCHS * FULL_RUN_TOKENS_PER_EPOCH
+    return {"devices": devices, "device": result["machine"].get("gpu", result["machine"]["device"]),
+            "tokens": tokens, "tokens_per_s_per_device": best["tokens_per_s"], "micro_batch": best["micro_batch"],
+            "seq_len": best["seq_len"], "hours": tokens / (best["tokens_per_s"] * devices) / 3600,
+            "busy": bool(best["busy"]) or bool(result["busy"])}
 
 
 # ---------------------------------------------------------------------- report
 
+BUSY = "  [BUSY MACHINE: not a valid measurement]"
+
+
 def format_report(result: dict) -> str:
-    """The results as a plain-text table (the JSON holds the same numbers)."""
-    m, s = result["machine"], result["settings"]
-    lines = [f"ds-distil bench: preset {s['preset']}, seq-len {s['seq_len']}, micro-batch {s['micro_batch']}, "
-             f"{s['steps']} timed steps after {s['warmup']} warm-up, ZeRO {s['zero_stage']}, "
-             f"L_ce at {s['ce_positions']} positions",
-             f"machine: {m['cpu']} ({m['threads']} threads), {m['device']}; torch {m['torch']}, "
-             f"deepspeed {m['deepspeed']}, transformers {m['transformers']}; {m['date']}",
-             "matmul peak: " + ", ".join(f"{p} {v:.3f} TFLOP/s" for p, v in result["matmul_peak_tflops"].items()),
-             ""]
-    rows = [("precision", "{}", "precision"), ("tokens/s", "{:,.0f}", "tokens_per_s"),
-            ("step time (s)", "{:.3f}", "step_s"), ("tokens/step", "{:,.0f}", "tokens_per_step"),
-            ("teacher share of time", "{:.0%}", "teacher_share"),
-            ("student share of time", "{:.0%}", "student_share"),
-            ("teacher share of FLOPs", "{:.0%}", "teacher_flop_share"),
-            ("TFLOP/s (all)", "{:.3f}", "tflops"), ("TFLOP/s teacher fwd", "{:.3f}", "teacher_tflops"),
-            ("TFLOP/s student fwd+bwd", "{:.3f}", "student_tflops"),
-            ("peak memory (GiB)", "{:.2f}", "peak_mem_gib"), ("CPU busy (1 = machine ours)", "{:.2f}", "cpu_busy")]
+    """The results as plain-text tables (the JSON holds the same numbers)."""
+    busy = bool(result["busy"])
+    mark = BUSY if busy else ""
+    lines = _header(result)
     names = [n for n in FORMULATIONS if n in result]
-    lines.append(f"{'':28}" + "".join(f"{n:>14}" for n in names))
-    for label, fmt, key in rows:
-        lines.append(f"{label:28}" + "".join(f"{fmt.format(result[n][key]):>14}" for n in names))
-    for peak in result["matmul_peak_tflops"]:
-        lines.append(f"{'MFU vs ' + peak + ' peak':28}" + "".join(f"{result[n]['mfu'][peak]:>14.0%}" for n in names))
+    lines += _main_table(result, names, mark)
     if "speedup" in result:
-        lines.append(f"\nspeed-up (tokens/s, ds-distil / reference): {result['speedup']:.2f}x")
-    # Tiny models leave threads idle by themselves; BERT-sized ones keep them busy when alone.
-    if m["device"] == "cpu" and s["preset"] != "small" and min(result[n]["cpu_busy"] for n in names) < 0.9:
-        lines.append("warning: other processes shared the CPU during this run (CPU busy < 0.9): "
-                     "times are too long, rerun on an idle machine")
+        lines.append(f"\nspeed-up (tokens/s, ds-distil / reference): {result['speedup']:.2f}x{mark}")
+    lines += _sweep_tables(result)
+    p = result.get("projection")
+    if p:
+        lines.append(f"\nprojected full run (3 epochs x 4.3 B tokens = {p['tokens'] / 1e9:.1f} B tokens) on "
+                     f"{p['devices']} x {p['device']} at {p['tokens_per_s_per_device']:,.0f} tokens/s each "
+                     f"(micro-batch {p['micro_batch']}, seq-len {p['seq_len']}, perfect scaling: a lower bound): "
+                     f"{_duration(p['hours'])}{BUSY if p['busy'] else ''}")
+    if busy:
+        lines.append(f"\nBUSY MACHINE: not a valid measurement: {result['load']['reason']}. Rerun on an idle "
+                     "machine (--wait-idle SECONDS waits for one).")
+    return "\n".join(lines)
+
+
+def _header(result: dict) -> list[str]:
+    m, s, load = result["machine"], result["settings"], result["load"]
+    sizes = next(iter(result["matmul_tflops_by_size"].values()))
+    state = {True: "BUSY MACHINE: not a valid measurement", False: "quiet", None: "unknown"}[result["busy"]]
+    lines = [f"ds-distil bench: preset {s['preset']}, seq-len {s['seq_len']}, micro-batch {s['micro_batch']}, "
+             f"median of {s['steps']} timed steps after {s['warmup']} warm-up, ZeRO {s['zero_stage']}, "
+             f"L_ce at {s['ce_positions']} positions; attention: {result['model']['attention']['student']}",
+             f"machine: {m['cpu']} ({m['threads']} threads), {m.get('gpu', m['device'])}; torch {m['torch']}, "
+             f"deepspeed {m['deepspeed']}, transformers {m['transformers']}; {m['date']}",
+             "matmul peak (best of sizes " + "/".join(sizes) + ", repeated, before and after the steps): "
+             + ", ".join(f"{p} {v:.3f}" for p, v in result["matmul_peak_tflops"].items()) + " TFLOP/s",
+             f"machine load: {state}: {load['reason']}"]
+    if s["steps"] < 5:
+        lines.append(f"note: only {s['steps']} timed steps: too few for a stable median (10 or more)")
+    return lines + [""]
+
+
+def _main_table(result: dict, names: list[str], mark: str) -> list[str]:
+    def spread(r, key, fmt):
+        return f"{fmt.format(r[key + '_min'])}-{fmt.format(r[key + '_max'])}"
+
+    rows = [("precision", lambda r: r["precision"]),
+            ("tokens/s (median)", lambda r: f"{r['tokens_per_s']:,.0f}"),
+            ("tokens/s min-max", lambda r: spread(r, "tokens_per_s", "{:,.0f}")),
+            ("step time s (median)", lambda r: f"{r['step_s']:.3f}"),
+            ("step time s min-max", lambda r: spread(r, "step_s", "{:.3f}")),
+            ("tokens/step (mean)", lambda r: f"{r['tokens_per_step']:,.0f}"),
+            ("teacher share of time", lambda r: f"{r['teacher_share']:.0%}"),
+            ("teacher share of FLOPs", lambda r: f"{r['teacher_flop_share']:.0%}"),
+            ("TFLOP/s (median)", lambda r: f"{r['tflops']:.3f}"),
+            ("TFLOP/s teacher fwd", lambda r: f"{r['teacher_tflops']:.3f}"),
+            ("TFLOP/s student fwd+bwd", lambda r: f"{r['student_tflops']:.3f}"),
+            ("peak memory (GiB)", lambda r: f"{r['peak_mem_gib']:.2f}"),
+            ("other processes' cores", lambda r: _cores(r["load"]["other_cores"]))]
+    rows += [(f"MFU vs {p} peak", lambda r, p=p: f"{r['mfu'][p]:.0%}") for p in result["matmul_peak_tflops"]]
+    lines = [f"{'':28}" + "".join(f"{n:>16}" for n in names)]
+    for label, cell in rows:
+        lines.append(f"{label:28}" + "".join(f"{cell(result[n]):>16}" for n in names)
+                     + (mark if label.startswith("MFU") else ""))
+    return lines
+
+
+def _sweep_tables(result: dict) -> list[str]:
+    lines = []
+    peak = _main_peak(result)
     if "seq_len_sweep" in result:
-        lines.append("\nds-distil step vs sequence length (tokens per step held constant):")
+        lines.append("\nds-distil step vs sequence length (tokens per step held constant; medians):")
         lines.append(f"{'seq-len':>8}{'micro':>7}{'tokens':>8}{'step s':>9}{'tokens/s':>10}{'teacher':>9}"
-                     f"{'MFU bf16':>10}{'CPU busy':>10}")
+                     f"{'MFU ' + peak:>12}  load")
         for r in result["seq_len_sweep"]:
             lines.append(f"{r['seq_len']:>8}{r['micro_batch']:>7}{r['tokens_per_step']:>8,.0f}{r['step_s']:>9.3f}"
-                         f"{r['tokens_per_s']:>10,.0f}{r['teacher_share']:>9.0%}{r['mfu']['bf16']:>10.0%}"
-                         f"{r['cpu_busy']:>10.2f}")
+                         f"{r['tokens_per_s']:>10,.0f}{r['teacher_share']:>9.0%}{r['mfu'][peak]:>12.0%}  {_state(r)}")
     if "zero_sweep" in result:
         lines.append("\nds-distil peak memory vs ZeRO stage (1 rank, one process per stage):")
-        lines.append(f"{'stage':>6}{'peak GiB':>10}{'step s':>9}{'CPU busy':>10}")
+        lines.append(f"{'stage':>6}{'peak GiB':>10}{'step s':>9}  load")
         for r in result["zero_sweep"]:
-            lines.append(f"{r['zero_stage']:>6}{r['peak_mem_gib']:>10.2f}{r['step_s']:>9.3f}{r['cpu_busy']:>10.2f}")
-    return "\n".join(lines)
+            lines.append(f"{r['zero_stage']:>6}{r['peak_mem_gib']:>10.2f}{r['step_s']:>9.3f}  {_state(r)}")
+    if "micro_batch_sweep" in result:
+        lines += _micro_batch_table(result["micro_batch_sweep"], peak)
+    return lines
+
+
+def _micro_batch_table(rows: list[dict], peak: str) -> list[str]:
+    lines = [f"\nds-distil tokens/s vs micro-batch (seq-len {rows[0]['seq_len']}; medians, min-max):",
+             f"{'micro':>7}{'tokens/s':>10}{'min-max':>16}{'step s':>9}{'MFU ' + peak:>12}{'peak GiB':>10}  load"]
+    for r in rows:
+        if not r["fits"]:
+            lines.append(f"{r['micro_batch']:>7}  out of memory")
+            continue
+        spread = f"{r['tokens_per_s_min']:,.0f}-{r['tokens_per_s_max']:,.0f}"
+        lines.append(f"{r['micro_batch']:>7}{r['tokens_per_s']:>10,.0f}{spread:>16}{r['step_s']:>9.3f}"
+                     f"{r['mfu'][peak]:>12.0%}{r['peak_mem_gib']:>10.2f}  {_state(r)}")
+    fitting = [r for r in rows if r["fits"]]
+    if fitting:
+        best = max(fitting, key=lambda r: r["tokens_per_s"])
+        lines.append(f"largest micro-batch that fits (of those tried): {fitting[-1]['micro_batch']}; "
+                     f"best tokens/s at micro-batch {best['micro_batch']}" + (BUSY if best["busy"] else ""))
+    return lines
+
+
+def _main_peak(result: dict) -> str:
+    """The measured peak the sweeps' MFU is shown against: ds-distil's precision where measured."""
+    precision = result["settings"]["precision"]
+    return precision if precision in result["matmul_peak_tflops"] else "bf16"
+
+
+def _state(row: dict) -> str:
+    return {True: "BUSY", False: "quiet", None: "unknown"}[row["busy"]]
+
+
+def _cores(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.2f}"
+
+
+def _duration(hours: float) -> str:
+    return f"{hours:,.1f} hours" if hours < 72 else f"{hours / 24:,.1f} days ({hours:,.0f} hours)"
 
 
 def main(argv: list[str] | None = None) -> int:

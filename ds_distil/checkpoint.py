@@ -382,7 +382,10 @@ def consolidated_state_dict(root: Path, tag: str) -> dict:
 def export(checkpoint: str | Path, output: str | Path, tag: str | None = None, force: bool = False) -> dict:
     """Write the consolidated fp32 student as an HF directory (safetensors + tokenizer)."""
     import torch
-    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ds_distil.models import class_of
 
     root = resolve_root(checkpoint)
     output = _export_output(output, root, force)
@@ -399,8 +402,11 @@ def export(checkpoint: str | Path, output: str | Path, tag: str | None = None, f
     hf_dir = _student_hf(root)
     try:
         config = AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
+        model_class = getattr(transformers, class_of(config) or "", None)  # as saved: a masked or causal LM
+        if model_class is None:
+            raise ValueError(f"its architecture {class_of(config)} is not a model class of transformers")
         with torch.device("meta"):
-            model = AutoModelForMaskedLM.from_config(config)
+            model = model_class(config)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"{hf_dir / 'config.json'}: not a usable model config ({_one_line(err)}); copy the "
                         "student directory's config.json there") from None

@@ -27,6 +27,12 @@ class LossConfig:
     """Weight of L_mlm, the student's masked-language-modelling cross-entropy."""
     alpha_cos: float = 1.0
     """Weight of L_cos, 1 - cosine between student and teacher last hidden states."""
+    alpha_clm: float = 2.0
+    """Weight of L_clm, the next-token cross-entropy, for causal-LM students (GPT-2, Llama;
+    the reference's alpha_clm); alpha_mlm is the masked-LM students' weight."""
+    alpha_mse: float = 0.0
+    """Weight of L_mse, the squared error between student and teacher logits summed over the
+    vocabulary, mean over the L_ce positions (the reference's alpha_mse; 0 = off)."""
     temperature: float = 2.0
     """Softmax temperature T of L_ce (the term is scaled by T^2)."""
     ce_positions: str = "all"
@@ -78,6 +84,10 @@ class TrainConfig:
     hung rank makes the others stop (exit 4) after this long instead of hanging."""
     progress_bar: bool = True
     """Show a progress bar on rank 0 (the log lines are printed either way)."""
+    peak_tflops: float | None = None
+    """Device peak in TFLOP/s that the logged MFU divides by (dense matmuls at the run's
+    precision, per device); null = measured once at start on CPU, looked up per GPU model
+    (ds_distil.metrics.KNOWN_PEAKS; measured for GPUs missing from it)."""
 
 
 @dataclass
@@ -284,19 +294,26 @@ def validate(cfg: RunConfig) -> list[str]:
     """Range and consistency checks; each problem names its key and the fix."""
     problems = []
     loss, masking, train = cfg.loss, cfg.masking, cfg.train
-    for name in ("alpha_ce", "alpha_mlm", "alpha_cos"):
+    weights = ("alpha_ce", "alpha_mlm", "alpha_clm", "alpha_cos", "alpha_mse")
+    for name in weights:
         value = getattr(loss, name)
         if not math.isfinite(value) or value < 0:
             problems.append(f"loss.{name}: {value} must be a finite number >= 0")
-    if loss.alpha_ce == 0 and loss.alpha_mlm == 0 and loss.alpha_cos == 0:
-        problems.append("loss: alpha_ce, alpha_mlm and alpha_cos are all 0; set at least one above 0")
+    # Only the student's own LM term counts: alpha_clm means nothing to a masked student.
+    from ds_distil.modeling import model_objective
+
+    objective = model_objective(cfg.student) if cfg.student else None
+    lm_weight = {"masked": ("alpha_mlm",), "causal": ("alpha_clm",)}.get(objective, ("alpha_mlm", "alpha_clm"))
+    effective = ("alpha_ce", *lm_weight, "alpha_cos", "alpha_mse")
+    if all(getattr(loss, name) == 0 for name in effective):
+        problems.append(f"loss: {', '.join(effective)} are all 0; set at least one above 0")
     if not (loss.temperature > 0 and math.isfinite(loss.temperature)):
         problems.append(f"loss.temperature: {loss.temperature} must be > 0 (the recipe uses 2.0)")
     if loss.ce_positions not in ("all", "mlm"):
         problems.append(f"loss.ce_positions: {loss.ce_positions!r} must be \"all\" or \"mlm\"")
-    if cfg.teacher is None and (loss.alpha_ce > 0 or loss.alpha_cos > 0):
-        problems.append("teacher: null (plain MLM pretraining) needs loss.alpha_ce=0 and loss.alpha_cos=0, "
-                        "or name a teacher directory")
+    if cfg.teacher is None and (loss.alpha_ce > 0 or loss.alpha_cos > 0 or loss.alpha_mse > 0):
+        problems.append("teacher: null (plain MLM/CLM pretraining) needs loss.alpha_ce=0, loss.alpha_cos=0 and "
+                        "loss.alpha_mse=0, or name a teacher directory")
     if not 0 < masking.mlm_probability < 1:
         problems.append(f"masking.mlm_probability: {masking.mlm_probability} must be in (0, 1) (recipe: 0.15)")
     fractions = (masking.mask_fraction, masking.random_fraction, masking.keep_fraction)
@@ -324,6 +341,8 @@ def validate(cfg: RunConfig) -> list[str]:
     if not 0 < train.collective_timeout_s <= MAX_TIMEOUT_S:
         problems.append(f"train.collective_timeout_s: {train.collective_timeout_s} must be > 0 and at most "
                         f"{MAX_TIMEOUT_S:.0e} seconds")
+    if train.peak_tflops is not None and not (math.isfinite(train.peak_tflops) and train.peak_tflops > 0):
+        problems.append(PEAK_TFLOPS_PROBLEM.format(value=train.peak_tflops))
     if cfg.resume is not None and not cfg.resume.strip():
         problems.append("resume: empty; use \"auto\", \"never\" or a checkpoint path")
     elif cfg.resume not in ("auto", "never", None) and not Path(cfg.resume).exists():
@@ -342,6 +361,10 @@ def validate(cfg: RunConfig) -> list[str]:
 
 # Longest collective timeout: torch keeps it as a timedelta in milliseconds.
 MAX_TIMEOUT_S = 1e8
+
+PEAK_TFLOPS_PROBLEM = ("train.peak_tflops: {value} must be a finite number > 0, the device's dense matmul peak in "
+                       "TFLOP/s at the run's precision (e.g. 989 for an H100 SXM in bf16), or null to measure it on "
+                       "CPU / look it up per GPU")
 
 EMPTY_PATH = {
     "student": "student: empty; give the student's directory (made by ds-distil init-student)",
@@ -368,11 +391,14 @@ def preflight(cfg: RunConfig, world_size: int, accelerator=None) -> list[str]:
     ds, problems = _deepspeed(cfg, world_size, accelerator)
     models, found = model_problems(cfg)
     problems += found
+    # A model already refused (e.g. weights of another model under its config.json) says
+    # nothing reliable about its objective: one line per root cause.
+    models_refused = any(p.startswith(("teacher:", "student:")) for p in found)
     student_tokenizer = None
     if _exists(cfg.student) and _read_model_config(cfg.student, "student")[0] is not None:
         student_tokenizer, found = _tokenizer(cfg.student, "student")  # it reads config.json too
         problems += found
-    problems += pair_problems(cfg, student_tokenizer, models)
+    problems += pair_problems(cfg, student_tokenizer, models, check_objectives=not models_refused)
     meta = None
     if _exists(cfg.data):
         meta, found = _prepared_data(cfg.data, student_tokenizer)
@@ -674,10 +700,13 @@ def model_problems(cfg: RunConfig) -> tuple[dict, list[str]]:
 
 
 def _width(config: dict):
-    return config.get("hidden_size", config.get("dim"))
+    from ds_distil.modeling import hidden_size
+
+    return hidden_size(config)
 
 
-def pair_problems(cfg: RunConfig, student_tokenizer=None, models: dict | None = None) -> list[str]:
+def pair_problems(cfg: RunConfig, student_tokenizer=None, models: dict | None = None,
+                  check_objectives: bool = True) -> list[str]:
     """Teacher and student disagree: vocabulary, tokenizer, or widths when L_cos is on."""
     problems = []
     if models is None:
@@ -686,6 +715,13 @@ def pair_problems(cfg: RunConfig, student_tokenizer=None, models: dict | None = 
     if student is None or teacher is None:
         return problems
     fix = f"build the student from this teacher: ds-distil init-student --teacher {cfg.teacher}"
+    from ds_distil.modeling import model_objective
+
+    objectives = {"student": model_objective(cfg.student), "teacher": model_objective(cfg.teacher)}
+    if check_objectives and None not in objectives.values() and objectives["student"] != objectives["teacher"]:
+        # Vocabulary and width lines would only be consequences of this one.
+        return problems + [f"teacher: {cfg.teacher} is a {objectives['teacher']} LM but student {cfg.student} is a "
+                           f"{objectives['student']} LM: distillation needs one objective; {fix}"]
     if student.get("vocab_size") != teacher.get("vocab_size"):
         problems.append(f"student: {cfg.student} has vocab_size {student.get('vocab_size')} but teacher {cfg.teacher} "
                         f"has {teacher.get('vocab_size')}: distillation needs one vocabulary; {fix}")
@@ -866,7 +902,7 @@ def run_length_problems(cfg: RunConfig, ds: dict, meta: dict, world_size: int) -
 # that agrees on all of them.
 SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "dim", "num_hidden_layers", "n_layers",
               "num_attention_heads", "n_heads", "intermediate_size", "hidden_dim", "max_position_embeddings",
-              "type_vocab_size")
+              "type_vocab_size", "n_layer", "n_embd", "n_head", "n_positions", "num_key_value_heads")
 
 
 def resume_problems(cfg: RunConfig, student_config: dict | None = None) -> list[str]:

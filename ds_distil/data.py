@@ -5,10 +5,13 @@ gzip, bzip2, xz or zstd or not), parquet and Arrow files, directories of them, d
 repositories downloaded from the hub, and datasets saved with save_to_disk.
 
 Sequences (``--unit``): ``line`` wraps every line in the tokenizer's special tokens ([CLS]
-... [SEP] or <s> ... </s>) and cuts a line longer than the maximum into the fewest
+... [SEP], <s> ... </s>, or for a causal LM without them its end-of-text token on both
+sides, as DistilGPT2's data: <|endoftext|> ... <|endoftext|>) and cuts a line longer than the maximum into the fewest
 near-equal chunks (the reference's behaviour); ``document`` packs consecutive lines of one
 document (a text file's blank-line-separated block, or one record of any other format)
-into sequences close to the maximum length, never across documents. Sequences of 11
+into sequences close to the maximum length, never across documents; ``block`` (causal LMs,
+as GPT-2 was trained) joins the documents with the end-of-text token and cuts the stream
+into blocks of exactly the maximum length. Sequences of 11
 tokens or fewer and those at least half unknown tokens are dropped; ``--dedup`` removes
 exact duplicate lines first (within each shard when sharded). Every count and the fill
 ratio (real tokens / (sequences x maximum length)) are reported.
@@ -16,7 +19,8 @@ ratio (real tokens / (sequences x maximum length)) are reported.
 Output: a datasets DatasetDict (train and validation splits, memory-mapped on read, so
 every rank of every node shares the page cache), token_counts.npy (counts over the
 training split, for masking smoothing) and meta.json (tokenizer fingerprint, special
-token ids, options, lengths, counts). It is written to a temporary directory and renamed
+token ids, the objective the data is for: "masked" for BERT-style tokenizers, "causal"
+for decoders (GPT-2, Llama), options, lengths, counts). It is written to a temporary directory and renamed
 into place when complete. Tokenisation is cached: running again on the same inputs and
 tokenizer reuses it.
 
@@ -53,12 +57,13 @@ FORMAT = "ds-distil-prepared"
 FORMAT_VERSION = 1
 # Bump when the tokenisation code changes what it writes: old cache entries then stop matching.
 TOKENISE_VERSION = 2
-UNITS = ("line", "document")
+UNITS = ("line", "document", "block")
 NOTE_CHARS = 80  # characters of a dropped line kept as an example for the report
 MAX_EXAMPLES = 2
 
-# Row status written by the tokenisation pass (dropped rows keep no token ids).
-KEPT, BLANK, TOO_SHORT, MOSTLY_UNKNOWN, DUPLICATE = 0, 1, 2, 3, 4
+# Row status written by the tokenisation pass (dropped rows keep no token ids). PACKED:
+# a document whose tokens went into blocks (unit "block"; the blocks are KEPT rows of their own).
+KEPT, BLANK, TOO_SHORT, MOSTLY_UNKNOWN, DUPLICATE, PACKED = 0, 1, 2, 3, 4, 5
 # Options every shard of one corpus must share (checked by --merge).
 SHARED_OPTIONS = ("max_seq_len", "min_tokens", "validation_fraction", "seed", "unit", "text_column", "dedup",
                   "token_dtype", "tokenise_version")
@@ -83,7 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, metavar="DIR", help="directory to write the prepared data to")
     parser.add_argument("--unit", choices=UNITS, default="line",
                         help="line: one line is one sequence, cut when too long (default, the reference's); "
-                             "document: pack consecutive lines of a document into sequences close to --max-seq-len")
+                             "document: pack consecutive lines of a document into sequences close to --max-seq-len; "
+                             "block (causal LMs): join the documents with end-of-text and cut blocks of "
+                             "exactly --max-seq-len tokens")
     parser.add_argument("--text-column", default="text", metavar="NAME",
                         help="column (field) holding the text in JSON Lines, CSV, parquet, Arrow and saved inputs "
                              "(default: text)")
@@ -146,13 +153,14 @@ class TokenizerInfo:
     vocab_size: int
     special_tokens: dict[str, str]
     all_special_ids: list[int]
-    mask_token_id: int
-    pad_token_id: int
+    mask_token_id: int | None  # None for a causal LM's tokenizer (nothing is masked)
+    pad_token_id: int  # a causal LM without one pads with its end-of-text token (the attention mask tells them apart)
     unk_token_id: int | None
-    prefix_ids: list[int]  # what wraps every sequence: [CLS] / <s> ...
-    suffix_ids: list[int]  # ... [SEP] / </s>
+    prefix_ids: list[int]  # what wraps every sequence: [CLS] / <s> / <|endoftext|> ...
+    suffix_ids: list[int]  # ... [SEP] / </s> / <|endoftext|>
     model_max_length: int
     max_length_source: str
+    objective: str = "masked"  # "masked" (MLM) or "causal" (next-token): which collator the trainer uses
 
     @property
     def token_dtype(self) -> str:
@@ -179,10 +187,34 @@ def load_tokenizer(tokenizer_dir: str | os.PathLike):
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise UserError(f"--tokenizer {path} has no fast tokenizer: save it with a tokenizer.json "
                         "(AutoTokenizer.from_pretrained(...).save_pretrained(DIR) writes one)")
-    if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
+    if tokenizer_objective(tokenizer, path) == "causal":
+        if tokenizer.eos_token_id is None:
+            raise UserError(f"--tokenizer {path} has no end-of-text (eos) token: a causal LM's data separates "
+                            "documents with it; use the teacher's own tokenizer")
+    elif tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
         raise UserError(f"--tokenizer {path} has no mask or pad token: ds-distil distils masked language "
-                        "models (BERT/RoBERTa style); use the teacher's own tokenizer")
+                        "models (BERT/RoBERTa style) and causal ones (GPT-2, Llama: the directory's config.json "
+                        "says which); use the teacher's own tokenizer")
     return tokenizer
+
+
+def tokenizer_objective(tokenizer, tokenizer_dir: str | os.PathLike) -> str:
+    """``"causal"`` or ``"masked"``: the objective of the model the tokenizer belongs to.
+
+    The model's config.json beside the tokenizer decides (its family); without one, a
+    tokenizer with a mask token is taken as a masked LM's, any other as a causal LM's.
+    """
+    from ds_distil.models import family_of
+
+    config_file = Path(tokenizer_dir) / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None
+    except (OSError, ValueError):
+        config = None
+    family = family_of(config) if isinstance(config, dict) else None
+    if family is not None:
+        return family.objective
+    return "masked" if tokenizer.mask_token_id is not None else "causal"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -200,14 +232,18 @@ def describe_tokenizer(tokenizer, tokenizer_dir: str | os.PathLike) -> Tokenizer
     """Collect :class:`TokenizerInfo`, including the special-token wrapping and the model maximum."""
     prefix, suffix = special_wrapping(tokenizer)
     max_length, source = model_max_length(tokenizer, tokenizer_dir)
+    objective = tokenizer_objective(tokenizer, tokenizer_dir)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return TokenizerInfo(
         path=str(Path(tokenizer_dir).resolve()), class_name=type(tokenizer).__name__,
         fingerprint=tokenizer_fingerprint(tokenizer), vocab_size=len(tokenizer),
         special_tokens={name: str(value) for name, value in tokenizer.special_tokens_map.items()},
         all_special_ids=sorted(int(i) for i in tokenizer.all_special_ids),
-        mask_token_id=int(tokenizer.mask_token_id), pad_token_id=int(tokenizer.pad_token_id),
+        mask_token_id=None if objective == "causal" or tokenizer.mask_token_id is None else int(tokenizer.mask_token_id),
+        pad_token_id=int(pad),
         unk_token_id=None if tokenizer.unk_token_id is None else int(tokenizer.unk_token_id),
-        prefix_ids=prefix, suffix_ids=suffix, model_max_length=max_length, max_length_source=source)
+        prefix_ids=prefix, suffix_ids=suffix, model_max_length=max_length, max_length_source=source,
+        objective=objective)
 
 
 def bare_backend(tokenizer):
@@ -254,8 +290,15 @@ def model_max_length(tokenizer, tokenizer_dir: str | os.PathLike) -> tuple[int, 
             config = json.loads(config_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             config = {}
-        positions = config.get("max_position_embeddings")
-        if isinstance(positions, int) and positions > 0:
+        from ds_distil.models import family_of
+
+        family = family_of(config) if isinstance(config, dict) else None
+        if family is not None:  # the family knows its positions (GPT-2: n_positions; rotary: no table)
+            positions = family.max_positions(config)
+            if positions is not None and positions > 0:
+                limits.append((positions, f"{family.positions_key} in config.json"))
+        elif isinstance(config.get("max_position_embeddings"), int) and config["max_position_embeddings"] > 0:
+            positions = config["max_position_embeddings"]
             if config.get("model_type") in ROBERTA_LIKE:
                 positions -= int(config.get("pad_token_id", 1)) + 1
             limits.append((positions, "max_position_embeddings in config.json"))
@@ -285,8 +328,12 @@ class Tokenise:
 
     def __init__(self, backend_json: str, prefix: list[int], suffix: list[int], max_seq_len: int,
                  min_tokens: int, unk_id: int | None, unit: str = "line", row_offset: int = 0,
-                 dedup: tuple[str, str] | None = None):
+                 dedup: tuple[str, str] | None = None, separator: int | None = None,
+                 split: tuple[float, int] = (0.0, 0)):
         self.backend_json = backend_json
+        self.max_seq_len = max_seq_len
+        self.separator = separator  # unit "block": the end-of-text token between documents
+        self.split = split  # unit "block": (validation fraction, seed), as SplitSelector applies them
         self.prefix = list(prefix)
         self.suffix = list(suffix)
         self.body = max_seq_len - len(prefix) - len(suffix)
@@ -339,6 +386,9 @@ class Tokenise:
         encoded = self._tokenizer().encode_batch_fast(batch, add_special_tokens=False) if batch else []
         ids = [encoding.ids for encoding in encoded]
         rows = _Rows()
+        if self.unit == "block":
+            self._blocks(rows, documents, ids)
+            return rows.columns()
         for text, entries in documents:
             if self.unit == "line":
                 self._lines(rows, entries, ids)
@@ -366,6 +416,41 @@ class Tokenise:
         key = text_hash(text or "")
         for number, (piece, first) in enumerate(pieces):
             self._add_piece(rows, piece, key, number, len(lines) if number == 0 else 0, lines[first][0])
+
+    def _blocks(self, rows: "_Rows", documents: list, ids: list[list[int]]) -> None:
+        """unit "block": each split's documents joined by end-of-text, cut into full blocks.
+
+        A document's split is decided here, from its key, exactly as SplitSelector decides
+        it later, and each split has its own stream: no block mixes training and held-out
+        text. Every document leaves a PACKED row (for the counts); each block is a KEPT row
+        whose key is that of a document in it (hence of its split). Streams do not cross
+        ``datasets.map`` batches: each batch's last, shorter block is kept if it has at
+        least ``min_tokens`` tokens.
+        """
+        fraction, seed = self.split
+        streams: dict[bool, tuple[list[int], list[int]]] = {False: ([], []), True: ([], [])}  # (tokens, keys)
+        for text, entries in documents:
+            kept = [index for _, status, index in entries if status == KEPT]
+            for _ in range(sum(1 for _, status, _ in entries if status == DUPLICATE)):
+                rows.add([], 0, DUPLICATE, 0, -1, 0)
+            content = [token for index in kept for token in ids[index]]
+            if not content:
+                rows.add([], 0, BLANK, 0, 0, len(kept))
+                continue
+            key = text_hash(text or "")
+            rows.add([], len(content), PACKED, key, 0, len(kept))
+            held_out = bool(uniform_hash(np.asarray([key], dtype=np.uint64), seed)[0] < fraction)
+            tokens, keys = streams[held_out]
+            tokens.extend(content + [self.separator])
+            keys.append(key)
+            while len(tokens) >= self.max_seq_len:
+                rows.add(tokens[:self.max_seq_len], self.max_seq_len, KEPT, keys[0], -1, 0)
+                del tokens[:self.max_seq_len]
+                keys[:] = keys[-1:]  # the last document may go on into the next block
+        for tokens, keys in streams.values():
+            if tokens:
+                status = KEPT if len(tokens) >= self.min_tokens else TOO_SHORT
+                rows.add(tokens if status == KEPT else [], len(tokens), status, keys[0], -1, 0)
 
     def _chunks(self, content: list[int]) -> list[list[int]]:
         """The fewest near-equal pieces that fit, so a long line leaves no short tail to drop."""
@@ -516,6 +601,9 @@ def prepare_corpus(tokenizer_dir: str | os.PathLike, inputs: list[str], output_d
     _check_output_path(output)
     tokenizer = load_tokenizer(tokenizer_dir)
     info = describe_tokenizer(tokenizer, tokenizer_dir)
+    if unit == "block" and info.objective != "causal":
+        raise UserError(f"--unit block joins documents into blocks for causal LMs (GPT-2, Llama); {tokenizer_dir} is "
+                        "a masked LM's tokenizer: use --unit line or --unit document")
     max_seq_len = _resolve_max_len(max_seq_len, info, min_tokens)
     listing = collect_inputs(inputs)
     items = listing if shard is None else readers.shard_items(listing, *shard)
@@ -541,12 +629,13 @@ def prepare_corpus(tokenizer_dir: str | os.PathLike, inputs: list[str], output_d
     started = time.perf_counter()
     scans = readers.check_inputs(items, text_column)
     log(f"inputs: {readers.describe_inputs(items, scans)}")
-    parts = readers.read_parts(items, scans, text_column, unit, cache, num_proc)
+    # Blocks are made of documents: read the inputs as document mode does.
+    parts = readers.read_parts(items, scans, text_column, _read_unit(unit), cache, num_proc)
     readers.report_scans(list(scans.values()), text_column)
     if not parts:
         raise UserError(f"the inputs ({readers.names_of(items)}) hold no text: pass the corpus files (one sequence per "
                         "line)")
-    masks = _dedup_masks(parts, unit, text_column, num_proc, cache) if dedup else None
+    masks = _dedup_masks(parts, _read_unit(unit), text_column, num_proc, cache) if dedup else None
     tokenised, key = _tokenise(parts, tokenizer, info, options, num_proc, cache, masks)
     del parts  # unmaps the text: its pages leave this process's resident set before the next pass
     counts, examples = _status_counts(tokenised, max_seq_len)
@@ -569,6 +658,11 @@ def prepare_corpus(tokenizer_dir: str | os.PathLike, inputs: list[str], output_d
         f"{meta['splits']['validation']['tokens']:,}, ids stored as {info.token_dtype}, in {elapsed:.1f} s "
         f"({tokens / max(elapsed, 1e-9):,.0f} tokens/s)")
     return meta
+
+
+def _read_unit(unit: str) -> str:
+    """How the readers split text files into rows: by line, or by document (also for blocks)."""
+    return "line" if unit == "line" else "document"
 
 
 def _check_options(num_proc: int, validation_fraction: float, min_tokens: int, seed: int, unit: str = "line",
@@ -699,11 +793,13 @@ def _tokenise(parts: list, tokenizer, info: TokenizerInfo, options: dict, num_pr
         identity = [input_identity(item) for item in part.items]
         key = _hash(["tokenise", TOKENISE_VERSION, readers.READ_VERSION, identity, options["text_column"],
                      options["unit"], info.fingerprint, options["max_seq_len"], options["min_tokens"],
-                     info.prefix_ids, info.suffix_ids, [masks and Path(masks[0]).name, offset]])[:32]
+                     info.prefix_ids, info.suffix_ids, [masks and Path(masks[0]).name, offset],
+                     # blocks are made per split: the split options shape them
+                     [options["validation_fraction"], options["seed"]] if options["unit"] == "block" else None])[:32]
         jobs.append((part, key, offset, bool(sorted(directory.glob(f"{key}*.arrow")))))
         offset += len(part.dataset)
     todo = [job for job in jobs if not job[3]]
-    if options["unit"] == "document":
+    if options["unit"] != "line":
         what = "documents"
     else:
         what = "lines" if all(item.kind == "text" for job in todo for item in job[0].items) else "records"
@@ -722,7 +818,9 @@ def _tokenise(parts: list, tokenizer, info: TokenizerInfo, options: dict, num_pr
         results = []
         for part, key, offset, _ in jobs:
             function = Tokenise(backend, info.prefix_ids, info.suffix_ids, options["max_seq_len"],
-                                options["min_tokens"], info.unk_token_id, options["unit"], offset, masks)
+                                options["min_tokens"], info.unk_token_id, options["unit"], offset, masks,
+                                separator=_end_of_text(tokenizer, info),
+                                split=(options["validation_fraction"], options["seed"]))
             results.append(part.dataset.map(
                 function, batched=True, with_indices=True, input_columns=["text"], remove_columns=["text"],
                 features=features, num_proc=num_proc if num_proc > 1 else None,
@@ -733,6 +831,13 @@ def _tokenise(parts: list, tokenizer, info: TokenizerInfo, options: dict, num_pr
             gc.unfreeze()
     tokenised = results[0] if len(results) == 1 else datasets.concatenate_datasets(results)
     return tokenised, _hash([job[1] for job in jobs])[:32]
+
+
+def _end_of_text(tokenizer, info: TokenizerInfo) -> int | None:
+    """The token between documents in blocks: eos, else the wrapping's last token."""
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    return (info.suffix_ids or info.prefix_ids or [None])[-1]
 
 
 def _status_counts(tokenised, max_seq_len: int) -> tuple[dict[str, Any], list[str]]:
@@ -778,6 +883,12 @@ def _log_counts(counts: dict[str, Any], options: dict, examples: list[str]) -> N
     if options["unit"] == "line":
         log(f"{counts['units']:,} lines: {counts['blank']:,} blank skipped; {duplicates}{counts['cut']:,} longer than "
             f"the maximum cut into {counts['chunks_from_cut']:,} chunks; {dropped}")
+    elif options["unit"] == "block":
+        empty = "empty or only duplicates" if options["dedup"] else "empty"
+        log(f"{counts['units']:,} documents ({counts['blank']:,} {empty}), {counts['text_lines']:,} lines: "
+            f"{duplicates}joined by end-of-text into {counts['kept']:,} blocks of up to {max_len} tokens (full "
+            f"but for the last of each tokenising batch and split); {counts['too_short']:,} last blocks of "
+            f"{min_tokens - 1} tokens or fewer dropped")
     else:
         sequences = counts["kept"] + counts["too_short"] + counts["mostly_unknown"]
         empty = "empty or only duplicates" if options["dedup"] else "empty"
@@ -795,7 +906,7 @@ def _log_counts(counts: dict[str, Any], options: dict, examples: list[str]) -> N
 def _report(counts: dict[str, Any], unit: str, scans: list[FileScan]) -> dict:
     """The counts recorded in meta.json (all integers, so shards can be summed)."""
     report = {"lines" if unit == "line" else "documents": counts["units"]}
-    if unit == "document":
+    if unit != "line":
         report["lines"] = counts["text_lines"]
     for name in ("blank", "duplicates", "too_short", "mostly_unknown", "cut", "chunks_from_cut", "kept",
                  "kept_tokens"):
@@ -1214,9 +1325,15 @@ def make_eval_loader(dataset, collator, micro_batch_size: int, world_size: int =
 
 
 def _loader(items: MicroBatches, num_workers: int, pin_memory: bool, prefetch_factor: int):
+    import torch
     from torch.utils.data import DataLoader, SequentialSampler
 
     workers = max(0, int(num_workers))
+    # Every iterator of a DataLoader draws a seed from its generator; with none given, from
+    # torch's global RNG, which also drives dropout. A resumed run makes its loader at the
+    # resume step, the uninterrupted run at the epoch's start, so that draw would shift
+    # every later dropout mask. Masks and order depend on (seed, epoch, index) alone, so
+    # the loader gets a private, fixed generator and leaves the global stream alone.
     return DataLoader(items, batch_size=None, sampler=SequentialSampler(items), num_workers=workers,
                       pin_memory=pin_memory, prefetch_factor=prefetch_factor if workers else None,
-                      persistent_workers=False)
+                      persistent_workers=False, generator=torch.Generator().manual_seed(0))

@@ -114,7 +114,11 @@ def run(args) -> int:
 
         new_bert_teacher(AutoTokenizer.from_pretrained(tok_dir), num_layers=args.teacher_layers,
                          hidden_size=args.hidden, num_heads=max(1, args.hidden // 64),
-                         intermediate_size=4 * args.hidden, max_position=args.seq_len, output_dir=teacher_init)
+                         intermediate_size=4 * args.hidden, max_position=args.seq_len, output_dir=teacher_init,
+                         # Minutes of training see each token about once: the models underfit,
+                         # and dropout would only slow them (the student and the downstream
+                         # runs inherit this through the teacher's config).
+                         dropout=0.0)
 
     _stage(f"3/8 pretraining the teacher (MLM only, deepspeed, {args.ranks} ranks)")
     _train(env, args.ranks, _run_config(work, "teacher", student=teacher_init, teacher=None, data=data_dir, ds=ds_json,

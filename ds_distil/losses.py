@@ -1,4 +1,4 @@
-"""The triple loss of DistilBERT: L_ce (soft targets), L_mlm and L_cos.
+"""The triple loss of DistilBERT: L_ce (soft targets), L_mlm (or L_clm) and L_cos.
 
 Every term is computed in fp32, whatever precision the models run in, and returned as a
 *sum* over its tokens together with the number of tokens. The trainer divides each sum by
@@ -9,7 +9,15 @@ Definitions (../shared/REFERENCE.md):
 - L_ce  = T^2 * KL(softmax(t/T) || softmax(s/T)), mean over the selected positions
           (all real tokens, as the reference, or only the MLM positions);
 - L_mlm = cross-entropy of the student's unsoftened logits at the MLM positions;
-- L_cos = mean over real tokens of 1 - cos(h_student, h_teacher), last hidden states.
+- L_cos = mean over real tokens of 1 - cos(h_student, h_teacher), last hidden states;
+- L_mse (optional, the reference's alpha_mse) = sum over the vocabulary of (s - t)^2,
+          mean over the L_ce positions.
+
+Causal LMs (DistilGPT2) use the same code: L_clm is L_mlm's cross-entropy at rows whose
+target is the next token (masking.CausalCollator shifts the labels, so position i is
+scored against token i + 1), and L_ce compares the next-token distributions at every
+real position. The ``"mlm"`` key and ``alpha_mlm`` weight below mean "the LM term"
+whichever the objective; the trainer names it ``loss_clm`` for a causal student.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
-TERMS = ("ce", "mlm", "cos")
+TERMS = ("ce", "mlm", "cos", "mse")
 # Above this many logits in one go, project and reduce chunk by chunk and recompute each
 # chunk's logits in backward instead of keeping them (256 MiB of fp32 logits).
 MAX_LOGITS_PER_CHUNK = 64 * 1024 * 1024
@@ -34,6 +42,7 @@ class LossWeights:
     alpha_mlm: float = 2.0
     alpha_cos: float = 1.0
     temperature: float = 2.0
+    alpha_mse: float = 0.0
 
 
 def kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -55,10 +64,15 @@ def cosine_sum(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
     return ((1.0 - cos) * attention_mask.to(cos.dtype)).sum()
 
 
+def mse_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Sum over rows and vocabulary of (s - t)^2, in fp32 (the reference divides it by the rows)."""
+    return F.mse_loss(student_logits.float(), teacher_logits.float(), reduction="sum")
+
+
 def head_loss_sums(project: Callable[[torch.Tensor], torch.Tensor], hidden_rows: torch.Tensor,
                    targets: torch.Tensor, teacher_logits: torch.Tensor | None,
-                   temperature: float, vocab_size: int) -> dict[str, torch.Tensor]:
-    """L_ce and L_mlm sums (and MLM hits) over hidden-state rows, projected only here.
+                   temperature: float, vocab_size: int, mse: bool = False) -> dict[str, torch.Tensor]:
+    """L_ce and L_mlm sums (and MLM hits; L_mse's with ``mse``) over hidden-state rows, projected only here.
 
     ``hidden_rows`` are the student's hidden states at the positions a loss needs
     (``[n, hidden]``), ``targets`` their MLM targets (-100 where none), and
@@ -70,23 +84,28 @@ def head_loss_sums(project: Callable[[torch.Tensor], torch.Tensor], hidden_rows:
 
     def chunk_sums(h: torch.Tensor, tgt: torch.Tensor, t_logits: torch.Tensor | None):
         logits = project(h)
-        ce = kl_sum(logits, t_logits, temperature) if t_logits is not None else logits.new_zeros((), dtype=torch.float32)
+        zero = logits.new_zeros((), dtype=torch.float32)
+        ce = kl_sum(logits, t_logits, temperature) if t_logits is not None else zero
+        sq = mse_sum(logits, t_logits) if (mse and t_logits is not None) else zero
         mlm = mlm_sum(logits, tgt)
         with torch.no_grad():
             hits = ((logits.argmax(-1) == tgt) & (tgt != IGNORE)).sum()
-        return ce, mlm, hits
+        return ce, mlm, hits, sq
 
     n = hidden_rows.shape[0]
     if n <= rows_per_chunk:
-        ce, mlm, hits = chunk_sums(hidden_rows, targets, teacher_logits)
+        ce, mlm, hits, sq = chunk_sums(hidden_rows, targets, teacher_logits)
     else:
-        ce = mlm = hits = 0
+        ce = mlm = hits = sq = 0
         for start in range(0, n, rows_per_chunk):
             sl = slice(start, start + rows_per_chunk)
             t_chunk = teacher_logits[sl] if teacher_logits is not None else None
-            c, m, h = checkpoint(chunk_sums, hidden_rows[sl], targets[sl], t_chunk, use_reentrant=False)
-            ce, mlm, hits = ce + c, mlm + m, hits + h
-    return {"ce": ce, "mlm": mlm, "mlm_hits": hits}
+            c, m, h, q = checkpoint(chunk_sums, hidden_rows[sl], targets[sl], t_chunk, use_reentrant=False)
+            ce, mlm, hits, sq = ce + c, mlm + m, hits + h, sq + q
+    sums = {"ce": ce, "mlm": mlm, "mlm_hits": hits}
+    if mse and teacher_logits is not None:
+        sums["mse"] = sq
+    return sums
 
 
 # -------------------------------------------------------------------- fused projection + losses
@@ -98,6 +117,7 @@ def head_loss_sums(project: Callable[[torch.Tensor], torch.Tensor], hidden_rows:
 # own buffer. Backward is then two matmuls per chunk, with no recompute of the forward
 # and no fp32 ``[rows, vocab]`` temporaries (the logits themselves are in the compute dtype):
 #   d(T^2 KL)/ds = T * (softmax(s/T) - softmax(t/T))      d(CE)/ds = softmax(s) - onehot
+#   d(sum (s - t)^2)/ds = 2 (s - t)   (L_mse, only when asked: it needs a buffer of its own)
 # Above ``MAX_KEPT_GRAD_BYTES`` of kept gradients, backward recomputes them chunk by chunk.
 
 # Rows per block of the fp32 softmax arithmetic on CPUs: a block's fp32 temporaries
@@ -111,8 +131,9 @@ MAX_KEPT_GRAD_BYTES = 1 << 30
 
 def projected_loss_sums(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                         teacher_logits: torch.Tensor | None, temperature: float,
-                        mlm_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """L_ce and L_mlm sums (and MLM hits) of the logits ``x @ weight.T + bias``, fused.
+                        mlm_rows: torch.Tensor | None = None, mse: bool = False) -> dict[str, torch.Tensor]:
+    """L_ce and L_mlm sums (and MLM hits) of the logits ``x @ weight.T + bias``, fused;
+    with ``mse`` (and teacher logits) also L_mse's sum, under ``"mse"``.
 
     ``x`` are the rows after the head's transform (``[n, hidden]``), ``weight``/``bias`` the
     vocabulary projection, ``targets`` each row's MLM target (-100: none) and
@@ -124,15 +145,20 @@ def projected_loss_sums(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """
     if mlm_rows is None:
         mlm_rows = (targets != IGNORE).nonzero().squeeze(1)
-    ce, mlm, hits = _ProjectedLosses.apply(x, weight, bias, targets, teacher_logits, float(temperature), mlm_rows)
-    return {"ce": ce, "mlm": mlm, "mlm_hits": hits}
+    mse = bool(mse and teacher_logits is not None)
+    ce, mlm, hits, sq = _ProjectedLosses.apply(x, weight, bias, targets, teacher_logits, float(temperature), mlm_rows,
+                                               mse)
+    sums = {"ce": ce, "mlm": mlm, "mlm_hits": hits}
+    if mse:
+        sums["mse"] = sq
+    return sums
 
 
 class _ProjectedLosses(torch.autograd.Function):
     """The autograd function behind :func:`projected_loss_sums` (one backward per forward)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, targets, teacher_logits, temperature, mlm_rows):
+    def forward(ctx, x, weight, bias, targets, teacher_logits, temperature, mlm_rows, mse):
         # The matmuls run in the compute dtype: autocast's when it is on (fp32 master weights
         # under DeepSpeed's torch_autocast), else the weight's. Backward runs outside
         # autocast, so the cast operands are kept for it.
@@ -141,29 +167,29 @@ class _ProjectedLosses(torch.autograd.Function):
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
         n, vocab = x.shape[0], weight.shape[0]
-        kept_rows = n + len(mlm_rows) if teacher_logits is not None else len(mlm_rows)
+        kept_rows = (n * (1 + mse) if teacher_logits is not None else 0) + len(mlm_rows)
         keep = kept_rows * vocab * x.element_size() <= MAX_KEPT_GRAD_BYTES
         # Kept gradients: one chunk (no per-chunk row bookkeeping). Recomputed: bounded chunks.
         rows_per_chunk = max(1, n) if keep else max(1, MAX_LOGITS_PER_CHUNK // max(1, vocab))
-        total = torch.zeros(3, dtype=torch.float32, device=x.device)  # ce, mlm, hits
+        total = torch.zeros(4, dtype=torch.float32, device=x.device)  # ce, mlm, hits, mse
         kept = []
         for start in range(0, n, rows_per_chunk):
             chunk = _chunk_grads(x, weight, bias, targets, teacher_logits, temperature, mlm_rows, start,
-                                 min(n, start + rows_per_chunk), total)
+                                 min(n, start + rows_per_chunk), total, mse)
             if keep:
                 kept.append(chunk)
         ctx.keep, ctx.kept, ctx.temperature, ctx.rows_per_chunk = keep, kept, temperature, rows_per_chunk
-        ctx.has_ce = teacher_logits is not None
+        ctx.has_ce, ctx.mse = teacher_logits is not None, mse
         # Teacher logits may be inference tensors: held as an attribute, read only in backward.
         ctx.teacher_logits = None if keep else teacher_logits
         ctx.bias = None if keep else bias
         ctx.save_for_backward(x, weight, targets, mlm_rows)
         hits = total[2].long()
         ctx.mark_non_differentiable(hits)
-        return total[0].clone(), total[1].clone(), hits
+        return total[0].clone(), total[1].clone(), hits, total[3].clone()
 
     @staticmethod
-    def backward(ctx, grad_ce, grad_mlm, _grad_hits):
+    def backward(ctx, grad_ce, grad_mlm, _grad_hits, grad_mse):
         if ctx.kept is None:
             raise RuntimeError("projected_loss_sums: backward ran twice (retain_graph is not supported)")
         x, weight, targets, mlm_rows = ctx.saved_tensors
@@ -178,8 +204,8 @@ class _ProjectedLosses(torch.autograd.Function):
                 chunk, ctx.kept[i] = ctx.kept[i], None  # freed as soon as used
             else:
                 chunk = _chunk_grads(x, weight, ctx.bias, targets, ctx.teacher_logits, ctx.temperature, mlm_rows,
-                                     start, stop, None)
-            d = _combine(chunk, grad_ce if ctx.has_ce else None, grad_mlm, stop - start)
+                                     start, stop, None, ctx.mse)
+            d = _combine(chunk, grad_ce if ctx.has_ce else None, grad_mlm, stop - start, grad_mse if ctx.mse else None)
             if need_x:
                 torch.mm(d, weight, out=grad_x[start:stop])
             if need_w and grad_w is None:
@@ -193,13 +219,14 @@ class _ProjectedLosses(torch.autograd.Function):
         if need_w and grad_w is None:  # no rows at all
             grad_w = torch.zeros_like(weight)
         return (grad_x.to(x_dtype) if need_x else None, grad_w.to(w_dtype) if need_w else None,
-                grad_b.to(w_dtype) if need_b else None, None, None, None, None)
+                grad_b.to(w_dtype) if need_b else None, None, None, None, None, None)
 
 
-def _chunk_grads(x, weight, bias, targets, teacher_logits, temperature, mlm_rows, start, stop, total):
-    """``(d_ce, d_mlm, local_mlm_rows)`` of rows ``start:stop``: the logit gradients of each sum.
+def _chunk_grads(x, weight, bias, targets, teacher_logits, temperature, mlm_rows, start, stop, total, mse=False):
+    """``(d_ce, d_mlm, local_mlm_rows, d_mse)`` of rows ``start:stop``: the logit gradients of each sum.
 
-    Adds the chunk's sums to ``total`` (unless None). ``d_ce`` is None without teacher logits.
+    Adds the chunk's sums to ``total`` (unless None). ``d_ce`` is None without teacher
+    logits, ``d_mse`` without ``mse``.
     """
     logits = F.linear(x[start:stop], weight, bias)
     if start == 0 and stop == x.shape[0]:
@@ -209,11 +236,13 @@ def _chunk_grads(x, weight, bias, targets, teacher_logits, temperature, mlm_rows
     # The MLM rows first: the L_ce gradient overwrites the logits below.
     d_mlm = logits.index_select(0, local)
     _mlm_grad_(d_mlm, targets[start:stop].index_select(0, local), total)
-    d_ce = None
+    d_ce = d_mse = None
     if teacher_logits is not None:
+        if mse:  # before L_ce's gradient overwrites the logits
+            d_mse = _mse_grad(logits, teacher_logits[start:stop], total)
         _kl_grad_(logits, teacher_logits[start:stop], temperature, total)
         d_ce = logits
-    return d_ce, d_mlm, local
+    return d_ce, d_mlm, local, d_mse
 
 
 def _block_rows(logits: torch.Tensor) -> int:
@@ -237,6 +266,19 @@ def _kl_grad_(logits, teacher, temperature, total):
             block.copy_(log_q.exp_().sub_(p).mul_(temperature))
 
 
+def _mse_grad(logits, teacher, total):
+    """Adds sum (s - t)^2 to ``total[3]``; returns its gradient 2 (s - t) (a new buffer)."""
+    grad = torch.empty_like(logits)
+    rows = _block_rows(logits)
+    with torch.no_grad():
+        for start in range(0, logits.shape[0], rows):
+            diff = _fp32_copy(logits[start:start + rows]).sub_(teacher[start:start + rows].float())
+            if total is not None:
+                total[3] += torch.linalg.vecdot(diff, diff).sum()
+            grad[start:start + rows].copy_(diff.mul_(2.0))
+    return grad
+
+
 def _mlm_grad_(logits, targets, total):
     """Adds the cross-entropy sum and the hits to ``total[1:]``; overwrites ``logits`` with the gradient."""
     rows = _block_rows(logits)
@@ -258,12 +300,15 @@ def _fp32_copy(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32, copy=True)
 
 
-def _combine(chunk, grad_ce, grad_mlm, rows: int):
-    """``grad_ce * d_ce + grad_mlm * d_mlm`` (the latter at the MLM rows): the chunk's logit gradient."""
-    d_ce, d_mlm, local = chunk
+def _combine(chunk, grad_ce, grad_mlm, rows: int, grad_mse=None):
+    """``grad_ce * d_ce + grad_mse * d_mse + grad_mlm * d_mlm`` (the last at the MLM rows):
+    the chunk's logit gradient."""
+    d_ce, d_mlm, local, d_mse = chunk
     d_mlm = d_mlm.mul_(grad_mlm)
     if d_ce is not None:
         d = d_ce.mul_(grad_ce)
+        if d_mse is not None:
+            d.add_(d_mse.mul_(grad_mse))
         return d.index_add_(0, local, d_mlm) if len(local) else d
     if len(local) == rows:  # every row has a target (the rows are the MLM positions)
         return d_mlm
@@ -272,13 +317,16 @@ def _combine(chunk, grad_ce, grad_mlm, rows: int):
 
 def weighted_total(sums: dict[str, torch.Tensor], counts: dict[str, torch.Tensor],
                    weights: LossWeights) -> torch.Tensor:
-    """alpha_ce*L_ce + alpha_mlm*L_mlm + alpha_cos*L_cos with global token counts.
+    """alpha_ce*L_ce + alpha_mlm*L_mlm + alpha_cos*L_cos (+ alpha_mse*L_mse) with global token counts.
 
-    ``counts`` are the numbers of tokens of each term over the whole global batch; a
-    term whose weight is zero contributes nothing (and may be absent from ``sums``).
+    ``counts`` are the numbers of tokens of each term over the whole global batch (L_mse
+    shares L_ce's rows: ``counts["mse"]`` defaults to ``counts["ce"]``); a term whose
+    weight is zero contributes nothing (and may be absent from ``sums``).
     """
     total = None
-    for term, alpha in (("ce", weights.alpha_ce), ("mlm", weights.alpha_mlm), ("cos", weights.alpha_cos)):
+    counts = {"mse": counts.get("ce"), **counts}
+    for term, alpha in (("ce", weights.alpha_ce), ("mlm", weights.alpha_mlm), ("cos", weights.alpha_cos),
+                        ("mse", weights.alpha_mse)):
         if alpha == 0 or term not in sums:
             continue
         part = alpha * sums[term] / counts[term].clamp(min=1)

@@ -1,4 +1,10 @@
-"""Dynamic MLM masking in the collator: fresh masks every epoch, identical on any rank count.
+"""The collators: dynamic MLM masking for masked LMs, next-token targets for causal LMs.
+
+:func:`make_collator` picks one from the objective the data was prepared for (meta.json).
+:class:`CausalCollator` pads and sets each real position's target to the next token
+(no masking, nothing random). The rest of this docstring is about MLM masking.
+
+Dynamic MLM masking in the collator: fresh masks every epoch, identical on any rank count.
 
 Each sequence draws its masks from its own generator, seeded by ``(seed, epoch,
 sample_index)``. A sample's masks therefore depend on nothing else: not on the batch it
@@ -76,6 +82,8 @@ class MaskingCollator:
         if tokenizer is not None:
             check_tokenizer_matches(meta, tokenizer, prepared.path)
         tok = meta["tokenizer"]
+        if tok.get("mask_token_id") is None:
+            raise ValueError(f"{prepared.path} was prepared for a causal LM (no mask token): use CausalCollator")
         return cls(vocab_size=tok["vocab_size"], special_ids=tok["all_special_ids"], mask_id=tok["mask_token_id"],
                    pad_id=tok["pad_token_id"], token_counts=prepared.token_counts, **options)
 
@@ -149,6 +157,75 @@ class MaskingCollator:
             "num_tokens": int(sum(len(s) for s in sequences)),
             "num_targets": int(len(positions)),
         }
+
+
+class CausalCollator:
+    """Pads a micro-batch; the target of each real position is the next token (causal LM).
+
+    ``labels[b, i] = input_ids[b, i + 1]`` where position ``i + 1`` is real, -100 elsewhere
+    (the last real token has no next token, padding has none): the student's hidden
+    state at ``i`` is scored against ``labels[b, i]``, so the loss code needs no shift.
+    The output has the keys of :class:`MaskingCollator` (``target_*`` are the positions
+    with a next token); ``input_ids`` are never changed. Nothing is drawn at random, so
+    ``seed`` and ``epoch`` only keep the interface.
+    """
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: int = 8, seed: int = 0):
+        if pad_to_multiple_of < 1:
+            raise ValueError("pad_to_multiple_of must be >= 1")
+        self.pad_id = int(pad_id)
+        self.pad_to_multiple_of = int(pad_to_multiple_of)
+        self.seed = int(seed)
+
+    @classmethod
+    def from_prepared(cls, prepared, tokenizer=None, seed: int = 0, **_masking: Any) -> "CausalCollator":
+        """A collator for causal-LM data made by ``ds-distil prepare`` (masking options do not apply)."""
+        from ds_distil.data import check_tokenizer_matches
+
+        if tokenizer is not None:
+            check_tokenizer_matches(prepared.meta, tokenizer, prepared.path)
+        return cls(pad_id=prepared.meta["tokenizer"]["pad_token_id"], seed=seed)
+
+    def __call__(self, examples: Sequence[dict], sample_indices: Sequence[int], epoch: int) -> dict:
+        import torch
+
+        if len(examples) != len(sample_indices):
+            raise ValueError(f"{len(examples)} examples but {len(sample_indices)} sample indices")
+        sequences = [np.asarray(example["input_ids"], dtype=np.int64) for example in examples]
+        longest = max((len(s) for s in sequences), default=0)
+        width = max(1, -(-longest // self.pad_to_multiple_of)) * self.pad_to_multiple_of
+        batch = len(sequences)
+        input_ids = np.full((batch, width), self.pad_id, dtype=np.int64)
+        attention = np.zeros((batch, width), dtype=np.int64)
+        labels = np.full((batch, width), IGNORE_INDEX, dtype=np.int64)
+        for row, ids in enumerate(sequences):
+            input_ids[row, :len(ids)] = ids
+            attention[row, :len(ids)] = 1
+            labels[row, :len(ids) - 1] = ids[1:]
+        target_mask = labels != IGNORE_INDEX
+        positions = np.flatnonzero(target_mask.reshape(-1))
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(attention),
+            "labels": torch.from_numpy(labels),
+            "target_mask": torch.from_numpy(target_mask),
+            "target_positions": torch.from_numpy(positions.astype(np.int64)),
+            "sample_indices": torch.as_tensor(np.asarray(sample_indices, dtype=np.int64)),
+            "num_tokens": int(sum(len(s) for s in sequences)),
+            "num_targets": int(len(positions)),
+        }
+
+
+def objective_of(meta: dict) -> str:
+    """The objective prepared data is for (data prepared before decoders existed: masked)."""
+    return (meta.get("tokenizer") or {}).get("objective", "masked")
+
+
+def make_collator(prepared, tokenizer=None, seed: int = 0, **masking: Any):
+    """The collator for ``prepared`` data: MLM masking, or next-token targets for causal LMs."""
+    if objective_of(prepared.meta) == "causal":
+        return CausalCollator.from_prepared(prepared, tokenizer, seed=seed)
+    return MaskingCollator.from_prepared(prepared, tokenizer, seed=seed, **masking)
 
 
 def _check_options(vocab_size: int, mlm_probability: float, mask_fraction: float, random_fraction: float,

@@ -1,9 +1,11 @@
-"""Model adapters: the encoder and the MLM head of each supported architecture, apart.
+"""Model adapters: the body and the head of each supported model, apart.
 
 The losses need the last hidden states (L_cos) and the vocabulary projection only at the
-positions a loss uses (L_ce, L_mlm). Hugging Face's ``*ForMaskedLM.forward`` projects
-every position to the full vocabulary, the largest matmul of the step; splitting encoder
-and head lets ds-distil project just the rows it needs.
+positions a loss uses (L_ce, L_mlm, L_clm). Hugging Face's ``*ForMaskedLM.forward`` and
+``*ForCausalLM.forward`` project every position to the full vocabulary, the largest
+matmul of the step; splitting body and head lets ds-distil project just the rows it
+needs. What the body and the head are is each model family's business
+(:mod:`ds_distil.models`); the functions here ask the family.
 """
 
 from __future__ import annotations
@@ -15,63 +17,60 @@ from typing import Callable
 import torch
 from torch import nn
 
-SUPPORTED = ("BertForMaskedLM", "BertForPreTraining", "DistilBertForMaskedLM", "RobertaForMaskedLM")
+from ds_distil.models import FAMILIES, Family, class_of, family_of
+
+# The objectives the trainer distils (a family of another objective is refused by train).
+TRAINED_OBJECTIVES = ("masked", "causal")
+SUPPORTED = tuple(c for f in FAMILIES if f.objective in TRAINED_OBJECTIVES for c in f.trainable)
 
 
-def _arch(model: nn.Module) -> str:
-    name = type(model).__name__
-    if name not in SUPPORTED:
-        raise TypeError(f"unsupported model class {name}; supported: {', '.join(SUPPORTED)}")
-    return name
+def family(model: nn.Module) -> Family:
+    """The family of a loaded model (TypeError for a class ds-distil does not run)."""
+    found = family_of(model)
+    if found is None or type(model).__name__ not in found.trainable:
+        raise TypeError(f"unsupported model class {type(model).__name__}; supported: "
+                        f"{', '.join(c for f in FAMILIES for c in f.trainable)}")
+    return found
+
+
+def objective(model: nn.Module) -> str:
+    """``"masked"`` or ``"causal"``: what the model predicts."""
+    return family(model).objective
+
+
+def model_objective(directory: str | Path) -> str | None:
+    """The objective of the model in a directory, from its config.json (None: unknown)."""
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    found = family_of(config) if isinstance(config, dict) else None
+    return found.objective if found is not None else None
 
 
 def encode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last hidden states ``[batch, length, hidden]`` of ``model``'s encoder."""
-    arch = _arch(model)
-    if arch == "DistilBertForMaskedLM":
-        return model.distilbert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    if arch == "RobertaForMaskedLM":
-        return model.roberta(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    # BERT: single-segment input, token type 0 everywhere (the encoder's default).
-    return model.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    """Last hidden states ``[batch, length, hidden]`` of ``model``'s body."""
+    return family(model).encode(model, input_ids, attention_mask)
 
 
 def mlm_head(model: nn.Module) -> nn.Module | None:
-    """The module mapping hidden states to vocabulary logits (None for DistilBERT, see project)."""
-    arch = _arch(model)
-    if arch == "RobertaForMaskedLM":
-        return model.lm_head
-    if arch in ("BertForMaskedLM", "BertForPreTraining"):
-        return model.cls.predictions
-    return None
+    """The head as one module (None when it is loose attributes, as DistilBERT's; see project)."""
+    return family(model).head_module(model)
 
 
 def project(model: nn.Module, hidden_rows: torch.Tensor) -> torch.Tensor:
     """Vocabulary logits for selected hidden-state rows ``[n, hidden] -> [n, vocab]``."""
-    head = mlm_head(model)
-    if head is not None:
-        return head(hidden_rows)
-    transform, decoder = head_parts(model)
-    return decoder(transform(hidden_rows))
+    return family(model).project(model, hidden_rows)
 
 
 def head_parts(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Linear]:
-    """The MLM head in two: its transform (hidden -> hidden) and its vocabulary projection.
+    """The head in two: its transform (hidden -> hidden) and its vocabulary projection.
 
     ``project(model, h) == decoder(transform(h))``. The projection is a plain ``nn.Linear``
-    (weight tied to the word embeddings, bias tied to the head's bias) in all three
-    architectures, so the losses can fuse it (``losses.projected_loss_sums``).
+    in every family (tied to the word embeddings where the model ties them), so the
+    losses can fuse it (``losses.projected_loss_sums``).
     """
-    arch = _arch(model)
-    if arch == "DistilBertForMaskedLM":  # the head is loose attributes of the model
-        return (lambda h: model.vocab_layer_norm(model.activation(model.vocab_transform(h)))), model.vocab_projector
-    if arch == "RobertaForMaskedLM":
-        from transformers.activations import gelu  # what RobertaLMHead.forward calls
-
-        head = model.lm_head
-        return (lambda h: head.layer_norm(gelu(head.dense(h)))), head.decoder
-    head = model.cls.predictions
-    return head.transform, head.decoder
+    return family(model).head_parts(model)
 
 
 def zero3_partitioned(param: torch.Tensor) -> bool:
@@ -79,39 +78,42 @@ def zero3_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
-# The class ``load_masked_lm`` builds for a config.json without BertForPreTraining in it.
-MASKED_LM_BY_TYPE = {"bert": "BertForMaskedLM", "distilbert": "DistilBertForMaskedLM",
-                     "roberta": "RobertaForMaskedLM"}
-
-
 def architecture_problem(config: dict, config_file: str | Path = "config.json") -> str | None:
     """Why ds-distil cannot train or distil the model of this ``config.json``, or None.
 
-    The class that would be built must be a supported masked LM, and a checkpoint saved
-    as another class (``BertModel``, ``GPT2LMHeadModel``...) is refused too: it has no
-    MLM head, which loading would fill with random weights.
+    The class that would be built (its ``architectures`` entry, else its model_type's
+    default) must be one the trainer runs, and a checkpoint saved as another class
+    (``BertModel``...) is refused too: it has no head, which loading would fill with random
+    weights. A family whose objective the trainer does not distil yet is named as such.
     """
-    archs = config.get("architectures") or []
     model_type = config.get("model_type")
-    saved = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
-    built = "BertForPreTraining" if saved == "BertForPreTraining" else MASKED_LM_BY_TYPE.get(model_type)
-    name = saved or built or f"model_type {model_type!r}"
-    if built is None or (saved is not None and saved not in SUPPORTED):
-        return (f"{config_file}: architecture {name} is not supported; ds-distil trains and distils "
-                f"{', '.join(SUPPORTED)} (a masked LM with its head)")
+    name = class_of(config)
+    found = family_of(config)
+    supported = ", ".join(SUPPORTED)
+    if name is None or found is None or name not in found.trainable or model_type not in found.model_types:
+        return (f"{config_file}: architecture {name or f'model_type {model_type!r}'} is not supported; ds-distil "
+                f"trains and distils {supported} (a masked or causal LM with its head)")
+    if found.objective not in TRAINED_OBJECTIVES:
+        return (f"{config_file}: architecture {name} is not supported by ds-distil train yet ({found.objective} "
+                f"language-model distillation is not implemented; init-student can cut its student); ds-distil "
+                f"trains and distils {supported}")
     return None
+
+
+def hidden_size(config: dict) -> int | None:
+    """The width of the model of a ``config.json`` (its family's key: hidden_size, dim, n_embd)."""
+    found = family_of(config)
+    return config.get(found.width_key) if found is not None else config.get("hidden_size", config.get("dim"))
 
 
 def max_positions(config: dict) -> int | None:
     """The longest sequence a model of this ``config.json`` takes (RoBERTa's positions start
-    after its padding index), or None when the config does not say."""
+    after its padding index), or None when the config does not say or positions are rotary."""
+    found = family_of(config)
+    if found is not None:
+        return found.max_positions(config)
     limit = config.get("max_position_embeddings")
-    if not isinstance(limit, int) or isinstance(limit, bool):
-        return None
-    if config.get("model_type") == "roberta":
-        pad = config.get("pad_token_id")
-        return limit - (pad if isinstance(pad, int) else 1) - 1
-    return limit
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -171,7 +173,8 @@ def weights_shape_problem(directory: str | Path) -> str | None:
     model is found before a start loads anything. Call once :func:`weights_problem` and
     :func:`architecture_problem` found nothing.
     """
-    from transformers import AutoConfig, AutoModelForMaskedLM, BertForPreTraining
+    import transformers
+    from transformers import AutoConfig
 
     directory = Path(directory)
     if (directory / "model.safetensors").is_file():
@@ -187,12 +190,17 @@ def weights_shape_problem(directory: str | Path) -> str | None:
     try:
         config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
         with torch.device("meta"):
-            model = BertForPreTraining(config) if "BertForPreTraining" in (config.architectures or []) else \
-                AutoModelForMaskedLM.from_config(config)
+            model = getattr(transformers, class_of(config))(config)
     except Exception as err:  # noqa: BLE001 - transformers raises ValueError, TypeError, KeyError...
         reason = " ".join(str(err).split())[:200] or type(err).__name__
         return f"{directory / 'config.json'} does not describe a model transformers can build ({reason})"
     expected = {name: list(t.shape) for name, t in model.state_dict().items()}
+    if saved and not set(saved) & set(expected):
+        # A config.json relabelled as another model (a BERT checkpoint called GPT-2): loading
+        # would leave every tensor random.
+        return (f"{directory}: none of its {len(saved)} saved tensors (e.g. {sorted(saved)[0]}) belongs to "
+                f"{type(model).__name__}, the model {directory / 'config.json'} describes: the config and the weights "
+                "are of different models; restore the model's own config.json")
     differ = [name for name in saved if name in expected and saved[name] != expected[name]]
     if not differ:
         return None
@@ -229,13 +237,15 @@ def safetensors_problem(path: str | Path) -> str | None:
     return None
 
 
-def load_masked_lm(path: str, dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a supported masked-LM from a local HF directory (never from a hub).
+def load_model(path: str, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a supported model (as the class its config.json names) from a local HF directory,
+    never from a hub.
 
     A path that is not a model directory, an unsupported architecture or weights that do
     not load are a :class:`~ds_distil.errors.UserError` naming the directory.
     """
-    from transformers import AutoConfig, AutoModelForMaskedLM, BertForPreTraining
+    import transformers
+    from transformers import AutoConfig
 
     from ds_distil.errors import UserError
 
@@ -255,14 +265,15 @@ def load_masked_lm(path: str, dtype: torch.dtype | None = None) -> nn.Module:
         kwargs["dtype"] = dtype
     try:
         config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
-        if "BertForPreTraining" in (config.architectures or []):
-            return BertForPreTraining.from_pretrained(str(directory), **kwargs)
-        return AutoModelForMaskedLM.from_pretrained(str(directory), **kwargs)
+        return getattr(transformers, class_of(config)).from_pretrained(str(directory), **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
         reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         raise UserError(f"{path}: the model does not load ({reason}); its config.json and weights must belong "
                         "together: save it again with save_pretrained() (or rebuild the student with "
                         "ds-distil init-student)") from None
+
+
+load_masked_lm = load_model  # the name callers used before decoders were supported
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -284,10 +295,11 @@ class StudentObjective(nn.Module):
     come in as plain tensors. State-dict keys are the HF model's behind ``student.``.
     """
 
-    def __init__(self, student: nn.Module, temperature: float):
+    def __init__(self, student: nn.Module, temperature: float, mse: bool = False):
         super().__init__()
         self.student = student
         self.temperature = temperature
+        self.mse = mse  # also L_mse (squared logit error) where teacher logits come in
         self.vocab_size = student.config.vocab_size
 
     def forward(self, input_ids, attention_mask, rows, row_targets, teacher_hidden=None, teacher_logits=None,
@@ -312,10 +324,10 @@ class StudentObjective(nn.Module):
             if teacher_logits is not None and teacher_logits.is_inference():
                 teacher_logits = teacher_logits.clone()
             sums = losses.head_loss_sums(lambda h: project(self.student, h), hidden_rows, row_targets,
-                                         teacher_logits, self.temperature, self.vocab_size)
+                                         teacher_logits, self.temperature, self.vocab_size, self.mse)
         else:
             sums = losses.projected_loss_sums(transform(hidden_rows), decoder.weight, decoder.bias, row_targets,
-                                              teacher_logits, self.temperature, mlm_rows)
+                                              teacher_logits, self.temperature, mlm_rows, self.mse)
         if teacher_hidden is not None:
             sums["cos"] = losses.cosine_sum(hidden, teacher_hidden, attention_mask)
         return sums

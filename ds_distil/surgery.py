@@ -1,19 +1,19 @@
 """Build a student from its teacher: keep some teacher layers, copy their weights, report it.
 
-A BERT teacher (BertForMaskedLM or BertForPreTraining) becomes a DistilBertForMaskedLM of
-the same width: no token-type embeddings, no pooler, no NSP head. A RoBERTa teacher
-becomes a RobertaForMaskedLM with fewer layers (DistilRoBERTa). Student layer i is a copy
-of teacher layer layer_map[i]; for 12 -> 6 layers the map is the reference's
-[0, 2, 4, 7, 9, 11]. The embeddings and the MLM head are copied too.
+Student layer i is a copy of teacher layer layer_map[i]; for 12 -> 6 layers the map is
+the reference's [0, 2, 4, 7, 9, 11]. The embeddings, the final norm of decoders and the
+head are copied too. What the student is, and which teacher tensor each student tensor
+comes from, is the teacher's family's business (ds_distil/models/): a BERT teacher
+becomes a DistilBertForMaskedLM (with token_type_embeddings[0] folded into the position
+embeddings, so the embedding output is the teacher's; --no-fold-token-type reproduces the
+reference), RoBERTa, XLM-RoBERTa, GPT-2 and Llama-style decoders the same class with fewer
+layers. This module resolves and validates the layer map, checks the plan (every tensor
+accounted for, every shape equal), applies it, and writes the result.
 
-One step beyond the reference: BERT adds token_type_embeddings[0] to every token of a
-single-segment input, and DistilBERT has no token types, so by default that row is folded
-into the student's position embeddings. The student's embedding layer then gives exactly
-the teacher's embedding output (--no-fold-token-type reproduces the reference).
-
-The output directory loads with transformers alone (AutoModelForMaskedLM, AutoTokenizer)
-and holds layer_map.json: which teacher tensor became which student tensor, what was
-folded, left random or dropped, and the teacher's fingerprint.
+The output directory loads with transformers alone (AutoModelForMaskedLM or
+AutoModelForCausalLM, AutoTokenizer) and holds layer_map.json: which teacher tensor
+became which student tensor, what was folded, left random or dropped, and the teacher's
+fingerprint.
 """
 
 from __future__ import annotations
@@ -22,68 +22,27 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from ds_distil import __version__
 from ds_distil.errors import UserError, require_output_path
+from ds_distil.models import TEACHER_CLASSES, Plan, SurgeryOptions, class_of, family_of
+from ds_distil.models.base import term_key as _term_key
+from ds_distil.models.bert import plan_bert  # noqa: F401 - part of this module's interface (tests)
 
 if TYPE_CHECKING:  # imported for annotations only: the CLI must not pay for torch at import
     import torch
     from transformers import PreTrainedConfig, PreTrainedModel
 
-# Teacher class -> student class. Nothing else is accepted: the weight map below is
-# written for exactly these layouts.
-STUDENT_CLASS = {
-    "BertForMaskedLM": "DistilBertForMaskedLM",
-    "BertForPreTraining": "DistilBertForMaskedLM",
-    "RobertaForMaskedLM": "RobertaForMaskedLM",
-}
-# A config.json without "architectures" is read as the MLM model of its model_type.
-DEFAULT_CLASS = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM"}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                 "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
                    "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja")
 LAYER_MAP_FILE = "layer_map.json"
-# DistilBERT hard-codes this LayerNorm eps in every LayerNorm it has.
-DISTILBERT_LAYER_NORM_EPS = 1e-12
-
-# BERT -> DistilBERT names inside one layer (REFERENCE.md); each has .weight and .bias.
-BERT_TO_DISTILBERT_LAYER = {
-    "attention.self.query": "attention.q_lin",
-    "attention.self.key": "attention.k_lin",
-    "attention.self.value": "attention.v_lin",
-    "attention.output.dense": "attention.out_lin",
-    "attention.output.LayerNorm": "sa_layer_norm",
-    "intermediate.dense": "ffn.lin1",
-    "output.dense": "ffn.lin2",
-    "output.LayerNorm": "output_layer_norm",
-}
-BERT_TO_DISTILBERT_EMBEDDINGS = {
-    "distilbert.embeddings.word_embeddings.weight": "bert.embeddings.word_embeddings.weight",
-    "distilbert.embeddings.position_embeddings.weight": "bert.embeddings.position_embeddings.weight",
-    "distilbert.embeddings.LayerNorm.weight": "bert.embeddings.LayerNorm.weight",
-    "distilbert.embeddings.LayerNorm.bias": "bert.embeddings.LayerNorm.bias",
-}
-BERT_TO_DISTILBERT_HEAD = {
-    "vocab_projector.weight": "cls.predictions.decoder.weight",
-    "vocab_projector.bias": "cls.predictions.decoder.bias",
-}
-BERT_TO_DISTILBERT_HEAD_TRANSFORM = {
-    "vocab_transform.weight": "cls.predictions.transform.dense.weight",
-    "vocab_transform.bias": "cls.predictions.transform.dense.bias",
-    "vocab_layer_norm.weight": "cls.predictions.transform.LayerNorm.weight",
-    "vocab_layer_norm.bias": "cls.predictions.transform.LayerNorm.bias",
-}
-ROBERTA_HEAD_TRANSFORM = ("lm_head.dense.", "lm_head.layer_norm.")
-TOKEN_TYPE_KEY = "bert.embeddings.token_type_embeddings.weight"
-POSITION_KEY = "distilbert.embeddings.position_embeddings.weight"
 # Config fields that define the architecture; they go into the teacher's fingerprint.
 FINGERPRINT_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
                       "num_attention_heads", "intermediate_size", "max_position_embeddings",
@@ -188,33 +147,23 @@ def read_teacher_config(teacher_dir: str | os.PathLike) -> tuple[dict[str, Any],
 
 
 def _teacher_class(config: dict[str, Any], config_file: Path) -> str:
-    architectures = config.get("architectures") or []
-    supported = ", ".join(STUDENT_CLASS)
-    if not architectures:
-        model_type = config.get("model_type")
-        if model_type in DEFAULT_CLASS:
-            return DEFAULT_CLASS[model_type]
-        raise UserError(f"{config_file}: model_type {model_type!r} is not supported; init-student "
+    """The teacher's class (a config.json without "architectures": its model_type's default)."""
+    supported = ", ".join(TEACHER_CLASSES)
+    name = class_of(config)
+    family = family_of(config)
+    if name is None:
+        raise UserError(f"{config_file}: model_type {config.get('model_type')!r} is not supported; init-student "
                         f"supports {supported}")
-    name = architectures[0]
-    if name not in STUDENT_CLASS:
+    if family is None or name not in family.students:
         raise UserError(f"{config_file}: architecture {name} is not supported; init-student supports "
-                        f"{supported} (save the teacher as one of these, with its MLM head)")
+                        f"{supported} (save the teacher as one of these, with its head: the MLM head of an encoder, "
+                        "the LM head of a decoder)")
     return name
 
 
 def _check_teacher_layout(config: dict[str, Any], config_file: Path) -> None:
     """Reject teacher variants whose extra weights the surgery would have to drop silently."""
-    if config.get("is_decoder") or config.get("add_cross_attention"):
-        raise UserError(f"{config_file}: the teacher is a decoder (is_decoder/add_cross_attention); "
-                        f"init-student needs a bidirectional MLM encoder")
-    position_type = config.get("position_embedding_type", "absolute")
-    if position_type != "absolute":
-        raise UserError(f"{config_file}: position_embedding_type {position_type!r} is not supported; "
-                        f"init-student needs absolute position embeddings")
-    if not isinstance(config.get("num_hidden_layers"), int) or config["num_hidden_layers"] < 1:
-        raise UserError(f"{config_file}: num_hidden_layers is {config.get('num_hidden_layers')!r}; "
-                        f"expected a positive integer")
+    family_of(config).check_layout(config, config_file)
 
 
 @contextlib.contextmanager
@@ -267,100 +216,18 @@ def load_teacher(teacher_dir: str | os.PathLike) -> tuple["PreTrainedModel", dic
 
 # -------------------------------------------------------------------------- the surgery
 
-@dataclass
-class Plan:
-    """Where every student tensor comes from, and what happens to every teacher tensor."""
-
-    copies: dict[str, str] = field(default_factory=dict)       # student key -> teacher key
-    folds: dict[str, list[str]] = field(default_factory=dict)  # student key -> teacher terms summed
-    random: list[str] = field(default_factory=list)            # student keys left as initialised
-    dropped: dict[str, str] = field(default_factory=dict)      # teacher key -> why it is not used
-
-    def teacher_sources(self) -> set[str]:
-        """Teacher keys read by the plan (a term ``name[0]`` reads ``name``)."""
-        terms = [t for ts in self.folds.values() for t in ts]
-        return set(self.copies.values()) | {_term_key(t) for t in terms}
-
-
-def student_config(teacher_config: "PreTrainedConfig", num_layers: int) -> "PreTrainedConfig":
-    """The student's config: the teacher's width and settings, ``num_layers`` deep."""
-    import copy
-
-    from transformers import DistilBertConfig
-
-    if teacher_config.model_type == "roberta":
-        config = copy.deepcopy(teacher_config)
-        config.num_hidden_layers = num_layers
-        config.architectures = ["RobertaForMaskedLM"]
-        return config
-    t = teacher_config
-    return DistilBertConfig(
-        vocab_size=t.vocab_size, max_position_embeddings=t.max_position_embeddings,
-        sinusoidal_pos_embds=False, n_layers=num_layers, n_heads=t.num_attention_heads,
-        dim=t.hidden_size, hidden_dim=t.intermediate_size, dropout=t.hidden_dropout_prob,
-        attention_dropout=t.attention_probs_dropout_prob,
-        # The layers and the MLM head must apply the teacher's activation, or a copied
-        # layer would not compute what the teacher's did.
-        activation=t.hidden_act, initializer_range=t.initializer_range,
-        # DistilBertConfig's pad default (0) need not be the teacher's.
-        pad_token_id=t.pad_token_id, bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id,
-        tie_word_embeddings=t.tie_word_embeddings, architectures=["DistilBertForMaskedLM"],
-    )
-
-
-def plan_bert(teacher_keys: list[str], layer_map: list[int], fold_token_type: bool,
-              copy_head_transform: bool) -> Plan:
-    """BERT -> DistilBERT, with the name map of REFERENCE.md."""
-    plan = Plan(copies=dict(BERT_TO_DISTILBERT_EMBEDDINGS))
-    for i, t in enumerate(layer_map):
-        for bert_name, distil_name in BERT_TO_DISTILBERT_LAYER.items():
-            for p in ("weight", "bias"):
-                plan.copies[f"distilbert.transformer.layer.{i}.{distil_name}.{p}"] = \
-                    f"bert.encoder.layer.{t}.{bert_name}.{p}"
-    plan.copies.update(BERT_TO_DISTILBERT_HEAD)
-    if copy_head_transform:
-        plan.copies.update(BERT_TO_DISTILBERT_HEAD_TRANSFORM)
-    else:
-        plan.random += list(BERT_TO_DISTILBERT_HEAD_TRANSFORM)
-        plan.dropped.update({t: "MLM head transform left random (--random-head-transform, as the reference)"
-                             for t in BERT_TO_DISTILBERT_HEAD_TRANSFORM.values()})
-    if fold_token_type:
-        plan.folds[POSITION_KEY] = [plan.copies.pop(POSITION_KEY), f"{TOKEN_TYPE_KEY}[0]"]
-    else:
-        plan.dropped[TOKEN_TYPE_KEY] = "DistilBERT has no token-type embeddings (--no-fold-token-type)"
-    kept = set(layer_map)
-    for key in teacher_keys:
-        layer = _layer_index(key)
-        if layer is not None and layer not in kept:
-            plan.dropped[key] = f"teacher layer {layer} is not in the layer map"
-        elif key.startswith("bert.pooler."):
-            plan.dropped[key] = "DistilBERT has no pooler"
-        elif key.startswith("cls.seq_relationship."):
-            plan.dropped[key] = "DistilBERT has no next-sentence head"
-    return plan
-
-
-def plan_roberta(student_keys: list[str], teacher_keys: list[str], layer_map: list[int],
-                 copy_head_transform: bool) -> Plan:
-    """RoBERTa -> shallower RoBERTa: same names, layer indices through the map."""
-    plan = Plan()
-    for key in student_keys:
-        layer = _layer_index(key)
-        if layer is not None:
-            plan.copies[key] = _with_layer_index(key, layer_map[layer])
-        elif key.startswith(ROBERTA_HEAD_TRANSFORM) and not copy_head_transform:
-            plan.random.append(key)
-            plan.dropped[key] = "MLM head transform left random (--random-head-transform)"
-        else:
-            plan.copies[key] = key
-    kept = set(layer_map)
-    for key in teacher_keys:
-        layer = _layer_index(key)
-        if layer is not None and layer not in kept:
-            plan.dropped[key] = f"teacher layer {layer} is not in the layer map"
-        elif key.startswith("roberta.pooler."):
-            plan.dropped[key] = "the MLM student has no pooler"
-    return plan
+def student_config(teacher_config: "PreTrainedConfig", layers: int | list[int],
+                   teacher_class: str | None = None) -> "PreTrainedConfig":
+    """The student's config: the teacher's width and settings, ``layers`` deep (a depth, or
+    the layer map, which a family with per-layer settings needs)."""
+    teacher_class = teacher_class or class_of(teacher_config)
+    family = family_of({"architectures": [teacher_class]}) if teacher_class else None
+    if family is None or teacher_class not in family.students:
+        raise UserError(f"teacher class {teacher_class} is not supported; init-student supports "
+                        f"{', '.join(TEACHER_CLASSES)}")
+    if isinstance(layers, int):
+        layers = default_layer_map(teacher_config.num_hidden_layers, layers)
+    return family.student_config(teacher_config, layers, teacher_class)
 
 
 def check_plan(plan: Plan, student_sd: dict[str, "torch.Tensor"], teacher_sd: dict[str, "torch.Tensor"]) -> None:
@@ -411,21 +278,20 @@ def make_student(teacher: "PreTrainedModel", layers: list[int] | None = None, nu
     import transformers
 
     teacher_class = type(teacher).__name__
-    if teacher_class not in STUDENT_CLASS:
+    family = family_of(teacher)
+    if family is None or teacher_class not in family.students:
         raise UserError(f"teacher class {teacher_class} is not supported; init-student supports "
-                        f"{', '.join(STUDENT_CLASS)}")
+                        f"{', '.join(TEACHER_CLASSES)}")
     layer_map = resolve_layer_map(teacher.config.num_hidden_layers, layers, num_layers)
-    config = student_config(teacher.config, len(layer_map))
+    config = family.student_config(teacher.config, layer_map, teacher_class)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        student = getattr(transformers, STUDENT_CLASS[teacher_class])(config)
+        student = getattr(transformers, family.student_class(teacher_class))(config)
     student.eval()
 
     teacher_sd, student_sd = teacher.state_dict(), student.state_dict()
-    if teacher.config.model_type == "roberta":
-        plan = plan_roberta(list(student_sd), list(teacher_sd), layer_map, copy_head_transform)
-    else:
-        plan = plan_bert(list(teacher_sd), layer_map, fold_token_type, copy_head_transform)
+    options = SurgeryOptions(fold_token_type=fold_token_type, copy_head_transform=copy_head_transform)
+    plan = family.plan(list(student_sd), list(teacher_sd), layer_map, options)
     check_plan(plan, student_sd, teacher_sd)
     _apply_plan(plan, student_sd, teacher_sd)
     _verify_copy(plan, student.state_dict(), teacher_sd)
@@ -446,7 +312,7 @@ def make_student(teacher: "PreTrainedModel", layers: list[int] | None = None, nu
         "left_random": plan.random,
         "dropped": dict(sorted(plan.dropped.items())),
         "ignored_in_checkpoint": [],
-        "warnings": _numerics_warnings(teacher.config, config),
+        "warnings": family.warnings(teacher.config, config, layer_map),
     }
     return student, report
 
@@ -476,15 +342,6 @@ def _verify_copy(plan: Plan, student_sd: dict[str, "torch.Tensor"], teacher_sd: 
         _check(torch.equal(student_sd[s_key], expected), f"{s_key} != {' + '.join(terms)} after copy")
 
 
-def _numerics_warnings(teacher_config, config) -> list[str]:
-    """Settings the student class cannot carry over, so its layers differ slightly."""
-    eps = getattr(teacher_config, "layer_norm_eps", DISTILBERT_LAYER_NORM_EPS)
-    if config.model_type == "distilbert" and eps != DISTILBERT_LAYER_NORM_EPS:
-        return [f"teacher layer_norm_eps is {eps:g} but DistilBertForMaskedLM fixes every LayerNorm eps at "
-                f"{DISTILBERT_LAYER_NORM_EPS:g}: copied layers compute slightly different outputs"]
-    return []
-
-
 # ------------------------------------------------------------------------- fingerprint
 
 def teacher_fingerprint(model_or_dir: "PreTrainedModel | str | os.PathLike") -> str:
@@ -502,7 +359,7 @@ def teacher_fingerprint(model_or_dir: "PreTrainedModel | str | os.PathLike") -> 
     digest = hashlib.sha256()
     fields = {name: getattr(model.config, name, None) for name in FINGERPRINT_FIELDS}
     digest.update(json.dumps(fields, sort_keys=True).encode())
-    for name, param in sorted(model.base_model.embeddings.named_parameters()):
+    for name, param in sorted(family_of(model).embedding_parameters(model)):
         bf16 = param.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
         digest.update(name.encode())
         digest.update(bf16.view(torch.int16).numpy().tobytes())
@@ -527,7 +384,7 @@ def build_student(teacher_dir: str | os.PathLike, output_dir: str | os.PathLike,
     teacher_path, output = Path(teacher_dir).resolve(), Path(output_dir).resolve()
     config, _ = read_teacher_config(teacher_path)
     # Validate the layer map from config.json before the slow load.
-    resolve_layer_map(config["num_hidden_layers"], layers, num_layers)
+    resolve_layer_map(family_of(config).num_layers(config), layers, num_layers)
     _check_output(output, teacher_path, force)
 
     teacher, loading = load_teacher(teacher_path)
@@ -629,24 +486,6 @@ def _replace(tmp: Path, output: Path, force: bool) -> None:
 
 # ------------------------------------------------------------------------------ helpers
 
-_LAYER_RE = re.compile(r"^(\w+\.(?:encoder|transformer)\.layer\.)(\d+)(\..*)$")
-
-
-def _layer_index(key: str) -> int | None:
-    match = _LAYER_RE.match(key)
-    return int(match.group(2)) if match else None
-
-
-def _with_layer_index(key: str, index: int) -> str:
-    match = _LAYER_RE.match(key)
-    return f"{match.group(1)}{index}{match.group(3)}"
-
-
-def _term_key(term: str) -> str:
-    """``name[0]`` -> ``name``."""
-    return term.split("[", 1)[0]
-
-
 def _eval_term(sd: dict[str, "torch.Tensor"], term: str) -> "torch.Tensor":
     """A teacher tensor by name, or one row of it (``name[row]``)."""
     if term.endswith("]"):
@@ -671,8 +510,10 @@ def _one_line(err: BaseException) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ds-distil init-student``."""
     parser.add_argument("--teacher", required=True, metavar="DIR",
-                        help="teacher saved with save_pretrained (BertForMaskedLM, BertForPreTraining "
-                             "or RobertaForMaskedLM) with its tokenizer; nothing is downloaded")
+                        help="teacher saved with save_pretrained, with its tokenizer (BertForMaskedLM, "
+                             "BertForPreTraining, RobertaForMaskedLM, XLMRobertaForMaskedLM, GPT2LMHeadModel, "
+                             "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or Qwen3ForCausalLM); "
+                             "nothing is downloaded")
     parser.add_argument("--output", required=True, metavar="DIR", help="where to write the student")
     parser.add_argument("--layers", metavar="LIST",
                         help="teacher layers to keep, e.g. 0,2,4,7,9,11 (default: evenly spread, "
@@ -682,7 +523,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="BERT: drop token_type_embeddings[0] instead of folding it into the position "
                              "embeddings (reproduces the reference exactly)")
     parser.add_argument("--random-head-transform", action="store_true",
-                        help="leave the MLM head's transform dense + LayerNorm random, as the reference does")
+                        help="leave the MLM head's transform dense + LayerNorm random, as the reference does "
+                             "(encoders; a decoder's head is a bare projection)")
     parser.add_argument("--seed", default="0", metavar="N", help="seed for tensors left random (default 0)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --output directory")
 

@@ -1,7 +1,10 @@
 """``ds-distil train``: the student in a DeepSpeed engine, the teacher beside it, the step loop.
 
-One code path for a single process and for N ranks under any launcher. Per optimizer
-step every rank:
+One code path for a single process and for N ranks under any launcher, and for both
+objectives: masked LMs (BERT, RoBERTa: L_mlm at masked positions) and causal LMs (GPT-2,
+Llama: L_clm, the next-token cross-entropy at every position that has a next token).
+Only the collator differs (masking.make_collator); L_ce and L_cos are the same code.
+Per optimizer step every rank:
   1. takes its ``accumulation_steps`` micro-batches of the global batch (batching.py);
   2. counts the tokens of each loss term over the whole global batch (one small
      all-reduce), so every term is a mean over the global batch however it is split;
@@ -167,27 +170,29 @@ class StepTotals:
     losses would turn the interval's means into NaN) but counted in ``tokens``.
     """
 
-    sums: object  # tensor [ce, mlm, cos, mlm_hits]: this rank's loss sums
+    sums: object  # tensor [ce, mlm, cos, mlm_hits(, mse)]: this rank's loss sums
     counts: object  # tensor [ce, mlm, cos]: token counts of the global batch, float64
     steps: int = 0
     tokens: object = 0  # real tokens of the global batches (a device scalar once a step ran)
     sequences: int = 0
 
     @classmethod
-    def zeros(cls, device) -> "StepTotals":
+    def zeros(cls, device, slots: int = 4) -> "StepTotals":
         import torch
 
-        return cls(sums=torch.zeros(4, device=device), counts=torch.zeros(3, dtype=torch.float64, device=device))
+        return cls(sums=torch.zeros(slots, device=device), counts=torch.zeros(3, dtype=torch.float64, device=device))
 
 
 class Trainer:
+    mfu = None  # the run's MFUMeter; FinetuneRun builds its own state and logs none
+
     def __init__(self, cfg: RunConfig, dist_info, preemption=None):
         import torch
 
         from ds_distil import checkpoint, data, ds_config
         from ds_distil.batching import GlobalBatchSampler
         from ds_distil.distributed import PreemptionSignal
-        from ds_distil.masking import MaskingCollator
+        from ds_distil.masking import make_collator
 
         self.cfg, self.dist = cfg, dist_info
         self.is_main = dist_info.is_main
@@ -208,13 +213,14 @@ class Trainer:
 
         # -- Data: memory-mapped Arrow shared by all ranks; masks depend on (seed, epoch, index).
         self.data = data.load_prepared(cfg.data)
+        self.objective = check_objectives(cfg, self.data.meta)  # before any weights load
         self.tokenizer = _load_tokenizer(cfg.student)
         data.check_tokenizer_matches(self.data.meta, self.tokenizer, cfg.data)
         self.sampler = GlobalBatchSampler(self.data.lengths("train"), self.batch["global_batch"],
                                           self.batch["micro_batch"], dist_info.world_size, dist_info.rank,
                                           seed=cfg.train.seed)
-        self.collator = MaskingCollator.from_prepared(self.data, self.tokenizer, seed=cfg.train.seed,
-                                                      **dataclasses.asdict(cfg.masking))
+        self.collator = make_collator(self.data, self.tokenizer, seed=cfg.train.seed,
+                                      **dataclasses.asdict(cfg.masking))
         self.max_steps = cfg.train.max_steps or max(1, math.floor((cfg.train.epochs or 3) * self.sampler.steps_per_epoch))
 
         # -- Models: the student inside the engine, the teacher frozen beside it. The
@@ -240,9 +246,14 @@ class Trainer:
         from ds_distil.metrics import MetricsWriter
 
         self.step_fn = DistillStep(self.engine, self.teacher, self.cfg.loss, self.device, self.dist.world_size,
-                                   self.batch["global_batch"])
+                                   self.batch["global_batch"], objective=self.objective)
         self.teacher_time = self.step_fn.teacher_time
         self.writer = MetricsWriter(self.out, self.engine.monitor, enabled=self.is_main, echo=self._echo)
+        from ds_distil.metrics import mfu_meter
+
+        self.mfu = mfu_meter(cfg, self.engine.module.student.config, getattr(self.teacher, "config", None),
+                             self.data.meta, self.precision, self.device)
+        self._echo(self.mfu.describe())
         self.skips = SkipTracker(self.engine, self.cfg.train.max_consecutive_skips, self._fp16_scaler_adapting,
                                  self.device)
         self._write_resolved_config()
@@ -250,14 +261,14 @@ class Trainer:
     # ------------------------------------------------------------------ building
 
     def _load_teacher(self):
-        from ds_distil.modeling import load_masked_lm
+        from ds_distil.modeling import load_model
         from ds_distil.surgery import teacher_fingerprint
 
         if self.cfg.teacher is None:
             return None
         # Vocabulary, widths and tokenizers were compared from the config and tokenizer
         # files before anything loaded (config.check_run); the fingerprint needs weights.
-        teacher = load_masked_lm(self.cfg.teacher, dtype=self.compute_dtype)
+        teacher = load_model(self.cfg.teacher, dtype=self.compute_dtype)
         teacher.eval().requires_grad_(False).to(self.device)
         layer_map = Path(self.cfg.student) / "layer_map.json"
         if layer_map.is_file():
@@ -293,10 +304,11 @@ class Trainer:
         import deepspeed
 
         from ds_distil import checkpoint, ds_config
-        from ds_distil.modeling import StudentObjective, load_masked_lm
+        from ds_distil.modeling import StudentObjective, load_model
 
-        student = load_masked_lm(self.cfg.student)
-        model = StudentObjective(student, self.cfg.loss.temperature)
+        student = load_model(self.cfg.student)
+        model = StudentObjective(student, self.cfg.loss.temperature,
+                                 mse=self.cfg.teacher is not None and self.cfg.loss.alpha_mse > 0)
         # Every loss term and the throughput go to TensorBoard unless the JSON turns it off.
         with_monitor = {"tensorboard": {"enabled": True}, **self.ds_cfg}
         resolved = ds_config.resolve_run_values(with_monitor, total_steps=self.max_steps, output_dir=self.out,
@@ -351,7 +363,8 @@ class Trainer:
                    f"x {self.dist.world_size} ranks = {b['global_batch']} sequences/step "
                    f"(<= {b['global_batch'] * self.data.meta['max_seq_len']:,} tokens); "
                    f"{self.sampler.steps_per_epoch} steps/epoch, {self.max_steps} steps; precision {self.precision}; "
-                   f"teacher {'on' if self.teacher is not None else 'off (plain MLM)'}")
+                   f"{self.objective} LM; teacher "
+                   f"{'on' if self.teacher is not None else f'off (plain {LM_TERM[self.objective].upper()})'}")
 
     # ------------------------------------------------------------------ the loop
 
@@ -359,7 +372,11 @@ class Trainer:
         """Train to ``max_steps``; returns the exit status (0, 75 preempted, 3 or 4 on faults)."""
         from ds_distil import checkpoint
 
-        batches, totals = self._batches(), StepTotals.zeros(self.device)
+        slots = getattr(self.step_fn, "sum_slots", 4)  # fine-tuning's step keeps 4 sums
+        batches, totals = self._batches(), StepTotals.zeros(self.device, slots)
+        # transformers' from_pretrained hands the model over in eval mode: without this the
+        # steps before the first evaluation would run with dropout off.
+        self.engine.train()
         last_log = time.perf_counter()
         progress = self._progress_bar()
         try:
@@ -371,7 +388,7 @@ class Trainer:
                     return self._stop_nonfinite()
                 if self._due(self.cfg.train.log_interval) or self.step == self.max_steps:
                     self._log(totals, time.perf_counter() - last_log)
-                    totals, last_log = StepTotals.zeros(self.device), time.perf_counter()
+                    totals, last_log = StepTotals.zeros(self.device, slots), time.perf_counter()
                 if self._due(self.cfg.train.eval_interval):
                     self.evaluate()
                 preempted = self.preemption.requested()  # a collective: every rank agrees
@@ -472,21 +489,32 @@ class Trainer:
             values["grad_norm"] = float(grad_norm)
         if self.precision == "fp16":
             values["loss_scale"] = float(self.engine._get_optimizer_loss_scale() or 0)
+        if self.mfu is not None:
+            values.update(self.mfu(float(totals.tokens), seconds, self.dist.world_size))
         self.writer.write("Train", self.step, values)
 
     def _loss_values(self, sums, counts) -> dict:
-        """Each active term's mean over its tokens, the weighted total and the MLM accuracy."""
+        """Each active term's mean over its tokens, the weighted total and the LM accuracy
+        (``loss_mlm``/``mlm_accuracy``, or ``loss_clm``/``clm_accuracy`` for a causal LM)."""
         values, total = {}, 0.0
-        terms = {"ce": (self.need_ce, 0, self.cfg.loss.alpha_ce), "mlm": (True, 1, self.cfg.loss.alpha_mlm),
-                 "cos": (self.need_cos, 2, self.cfg.loss.alpha_cos)}
-        for term, (active, i, alpha) in terms.items():
+        lm = LM_TERM[self.objective]
+        # term: (computed, index into sums, index into counts, weight); L_mse shares L_ce's rows.
+        terms = {"ce": (self.need_ce, 0, 0, self.cfg.loss.alpha_ce), lm: (True, 1, 1, self.step_fn.weights.alpha_mlm),
+                 "cos": (self.need_cos, 2, 2, self.cfg.loss.alpha_cos),
+                 "mse": (self.step_fn.need_mse, 4, 0, self.cfg.loss.alpha_mse)}
+        for term, (active, i, c, alpha) in terms.items():
             if active:
-                values[f"loss_{term}"] = float(sums[i] / counts[i].clamp(min=1))
+                values[f"loss_{term}"] = float(sums[i] / counts[c].clamp(min=1))
                 total += alpha * values[f"loss_{term}"]
-        return {"loss": total, **values, "mlm_accuracy": float(sums[3] / counts[1])}
+        return {"loss": total, **values, f"{lm}_accuracy": float(sums[3] / counts[1])}
 
     def evaluate(self) -> dict:
-        """Student MLM accuracy and perplexity on the validation split (fixed masks)."""
+        """Student accuracy and perplexity per target token on the validation split.
+
+        Masked LMs: at fixed masks. Causal LMs: next-token prediction at every position of
+        every held-out sequence; each prepared sequence is its own window (no overlap, no
+        stride: a token's context is the sequence before it, not the preceding sequence).
+        """
         import torch
 
         from ds_distil.data import make_eval_loader
@@ -512,8 +540,8 @@ class Trainer:
         self.engine.train()
         sums = all_reduce_sum(sums).cpu()
         n = max(sums[2].item(), 1)
-        result = {"mlm_accuracy": sums[1].item() / n, "perplexity": math.exp(min(sums[0].item() / n, 50)),
-                  "targets": int(sums[2].item())}
+        result = {f"{LM_TERM[self.objective]}_accuracy": sums[1].item() / n,
+                  "perplexity": math.exp(min(sums[0].item() / n, 50)), "targets": int(sums[2].item())}
         self.writer.write("Eval", self.step, result)
         return result
 
@@ -545,9 +573,33 @@ class Trainer:
             sys.stdout.flush()
 
 
+# The name of the language-model term: masked (L_mlm) or causal (L_clm, the reference's alpha_clm).
+LM_TERM = {"masked": "mlm", "causal": "clm"}
+
+
+def check_objectives(cfg: RunConfig, meta: dict) -> str:
+    """The objective of the run (``"masked"`` or ``"causal"``), once the student, the teacher
+    and the data agree on it; read from config.json and meta.json, before any weights load."""
+    from ds_distil.masking import objective_of
+    from ds_distil.modeling import model_objective
+
+    student = model_objective(cfg.student)
+    data = objective_of(meta)
+    if cfg.teacher is not None and model_objective(cfg.teacher) != student:
+        raise UserError(f"teacher: {cfg.teacher} is a {model_objective(cfg.teacher)} LM but student {cfg.student} is "
+                        f"a {student} LM: distillation needs one objective; build the student from this teacher: "
+                        f"ds-distil init-student --teacher {cfg.teacher}")
+    if data != student:
+        raise UserError(f"data: {cfg.data} was prepared for a {data} LM (meta.json) but student {cfg.student} is a "
+                        f"{student} LM: prepare the corpus with the student's own directory as --tokenizer")
+    return student
+
+
 def needed_terms(teacher, loss_cfg) -> tuple[bool, bool]:
-    """Whether L_ce and L_cos are computed (they need a teacher and a weight above 0)."""
-    return teacher is not None and loss_cfg.alpha_ce > 0, teacher is not None and loss_cfg.alpha_cos > 0
+    """Whether L_ce (the teacher's logits) and L_cos are computed: they need a teacher and a
+    weight above 0 (L_mse needs the teacher's logits too, at L_ce's rows)."""
+    logits = teacher is not None and (loss_cfg.alpha_ce > 0 or getattr(loss_cfg, "alpha_mse", 0) > 0)
+    return logits, teacher is not None and loss_cfg.alpha_cos > 0
 
 
 class DistillStep:
@@ -557,7 +609,8 @@ class DistillStep:
     step that training runs.
     """
 
-    def __init__(self, engine, teacher, loss_cfg, device, world_size: int, global_batch: int):
+    def __init__(self, engine, teacher, loss_cfg, device, world_size: int, global_batch: int,
+                 objective: str = "masked"):
         import torch
 
         from ds_distil.losses import LossWeights
@@ -567,7 +620,14 @@ class DistillStep:
         self.world_size, self.global_batch = world_size, global_batch
         self.ce_positions = loss_cfg.ce_positions
         self.need_ce, self.need_cos = needed_terms(teacher, loss_cfg)
-        self.weights = LossWeights(loss_cfg.alpha_ce, loss_cfg.alpha_mlm, loss_cfg.alpha_cos, loss_cfg.temperature)
+        # The LM term is L_mlm (masked positions) or L_clm (next tokens): the same cross-entropy
+        # over the rows that have a target, weighted by alpha_mlm or alpha_clm.
+        lm_weight = loss_cfg.alpha_clm if objective == "causal" else loss_cfg.alpha_mlm
+        self.need_mse = teacher is not None and loss_cfg.alpha_mse > 0
+        self.weights = LossWeights(loss_cfg.alpha_ce, lm_weight, loss_cfg.alpha_cos, loss_cfg.temperature,
+                                   loss_cfg.alpha_mse if self.need_mse else 0.0)
+        # Running sums [ce, lm, cos, lm_hits] and, with L_mse, [mse]: a StepTotals of this size.
+        self.sum_slots = 5 if self.need_mse else 4
         self.teacher_time = Stopwatch(device)
         # Steps whose loss was non-finite on some rank (a device counter, read on log steps).
         self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device)
@@ -587,8 +647,8 @@ class DistillStep:
         # per-rank means, so gradients do not depend on how the batch is split. Reduced on
         # the device: NCCL cannot reduce host tensors, and the reduce does not sync the host.
         counts = all_reduce_sum(torch.stack([p["counts"] for p in prepared]).sum(0).to(self.device))
-        global_counts = {"ce": counts[0], "mlm": counts[1], "cos": counts[2]}
-        step_sums = torch.zeros(4, device=self.device)
+        global_counts = {"ce": counts[0], "mlm": counts[1], "cos": counts[2], "mse": counts[0]}
+        step_sums = torch.zeros(self.sum_slots, device=self.device)
         nonfinite = torch.zeros(1, device=self.device)
         for i, p in enumerate(prepared):
             teacher_hidden, teacher_logits = self.teacher_outputs(p)
@@ -605,8 +665,9 @@ class DistillStep:
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             self.engine.step()
             zero = loss.new_zeros((), dtype=torch.float32)
-            step_sums += torch.stack([sums.get("ce", zero).detach().float(), sums["mlm"].detach().float(),
-                                      sums.get("cos", zero).detach().float(), sums["mlm_hits"].float()])
+            parts = [sums.get("ce", zero), sums["mlm"], sums.get("cos", zero), sums["mlm_hits"]]
+            parts += [sums["mse"]] if self.need_mse else []
+            step_sums += torch.stack([part.detach().float() for part in parts])
         # A skipped step stays out of the loss means (its sums are NaN); no host sync here.
         kept = (nonfinite == 0)
         totals.sums += torch.where(kept, step_sums, 0.0).to(totals.sums.device)

@@ -77,6 +77,41 @@ def roberta_teacher_dir(tmp_path_factory, corpus_lines) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gpt2_tokenizer_dir(tmp_path_factory, corpus_lines) -> Path:
+    from ds_distil.scratch import train_gpt2_tokenizer
+
+    out = tmp_path_factory.mktemp("gpt2_tokenizer")
+    train_gpt2_tokenizer(corpus_lines, vocab_size=300, output_dir=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def gpt2_teacher_dir(tmp_path_factory, gpt2_tokenizer_dir) -> Path:
+    """A 4-layer, 32-wide GPT2LMHeadModel (lm_head tied to wte) with its byte-level BPE tokenizer."""
+    from transformers import AutoTokenizer
+
+    from ds_distil.scratch import new_gpt2_teacher
+
+    out = tmp_path_factory.mktemp("gpt2_teacher")
+    new_gpt2_teacher(AutoTokenizer.from_pretrained(str(gpt2_tokenizer_dir)), num_layers=4, hidden_size=32,
+                     num_heads=2, max_position=128, seed=3, output_dir=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama_teacher_dir(tmp_path_factory, gpt2_tokenizer_dir) -> Path:
+    """A 4-layer, 32-wide LlamaForCausalLM, untied head, grouped-query attention."""
+    from transformers import AutoTokenizer
+
+    from ds_distil.scratch import new_llama_teacher
+
+    out = tmp_path_factory.mktemp("llama_teacher")
+    new_llama_teacher(AutoTokenizer.from_pretrained(str(gpt2_tokenizer_dir)), num_layers=4, hidden_size=32,
+                      seed=4, output_dir=out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory) -> Path:
     """A text corpus of ~1,500 lines (one sequence per line) for training runs."""
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"

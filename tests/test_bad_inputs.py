@@ -404,8 +404,16 @@ def _(w, t):
 
 @case("train", "teacher-gpt2", real=True)
 def _(w, t):
-    s = copy_model(w.teacher, t / "gpt2", model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=32)
-    return Case(train(w, t, teacher=s), ["teacher", "GPT2LMHeadModel", "not supported", "BertForMaskedLM"])
+    # BERT weights under a GPT-2 config.json: GPT-2 is supported, but no tensor would load.
+    s = copy_model(w.teacher, t / "gpt2", model_type="gpt2", architectures=["GPT2LMHeadModel"], n_embd=32,
+                   n_head=2)
+    return Case(train(w, t, teacher=s), ["teacher", "GPT2LMHeadModel", "none of its", "restore the model's own"])
+
+
+@case("train", "teacher-t5")
+def _(w, t):
+    s = copy_model(w.teacher, t / "t5", model_type="t5", architectures=["T5ForConditionalGeneration"])
+    return Case(train(w, t, teacher=s), ["teacher", "T5ForConditionalGeneration", "not supported", "BertForMaskedLM"])
 
 
 @case("train", "student-without-mlm-head")
@@ -735,10 +743,17 @@ def _(w, t):
     return Case(init(tch, t / "s"), [str(tch), "no config.json"])
 
 
-@case("init-student", "teacher-gpt2")
+@case("init-student", "teacher-t5")
 def _(w, t):
+    tch = copy_model(w.teacher, t / "tch", model_type="t5", architectures=["T5ForConditionalGeneration"])
+    return Case(init(tch, t / "s"), ["T5ForConditionalGeneration", "not supported"])
+
+
+@case("init-student", "teacher-gpt2-without-depth")
+def _(w, t):
+    # A BERT config relabelled as GPT-2: GPT-2's depth key (n_layer) is missing.
     tch = copy_model(w.teacher, t / "tch", model_type="gpt2", architectures=["GPT2LMHeadModel"])
-    return Case(init(tch, t / "s"), ["GPT2LMHeadModel", "not supported"])
+    return Case(init(tch, t / "s"), [str(tch / "config.json"), "n_layer is None"])
 
 
 @case("init-student", "teacher-without-weights")

@@ -106,7 +106,7 @@ def _bad_input(case: str, make_run, tmp_path, dirs) -> tuple[list[str], list[str
             f"data: {tmp_path / 'nowhere'} does not exist"]
     if case == "all-loss-weights-zero":
         return ["--config", str(make_run()), "loss.alpha_ce=0", "loss.alpha_mlm=0", "loss.alpha_cos=0"], [
-            "loss: alpha_ce, alpha_mlm and alpha_cos are all 0; set at least one above 0"]
+            "loss: alpha_ce, alpha_mlm, alpha_cos, alpha_mse are all 0; set at least one above 0"]
     if case == "run-config-invalid-json":
         return ["--config", str(_write(tmp_path / "broken.json", '{"student": "x",\n "data": }'))], [
             "invalid JSON at line 2 column"]

@@ -210,6 +210,30 @@ def test_fine_tuning_a_tiny_model_on_a_separable_task_reaches_high_accuracy(tmp_
                       for s in stamps}
 
 
+def test_dropout_is_on_from_the_first_step(tmp_path, bert_teacher_dir, keyword_task):
+    """transformers hands models over in eval mode; the loop must switch dropout on before
+    its first step, not only after the first evaluation. Two copies of one model that differ
+    only in their dropout rate must therefore log different first-step losses."""
+    import shutil
+
+    models = []
+    for name, rate in (("still", 0.0), ("dropped", 0.5)):
+        model_dir = tmp_path / name
+        shutil.copytree(bert_teacher_dir, model_dir)
+        config = json.loads((model_dir / "config.json").read_text())
+        config.update(hidden_dropout_prob=rate, attention_probs_dropout_prob=rate)
+        (model_dir / "config.json").write_text(json.dumps(config))
+        models.append(f"{name}={model_dir}")
+    out = tmp_path / "ft"
+    _finetune("--models", *models, "--task", "sst2", "--data", keyword_task, "--output", out, "--lr", "1e-3",
+              "--seeds", "1", "--epochs", 0.1, "--batch-size", 32, "--log-interval", 1, "--deepspeed-config", CPU_DS)
+    first_loss = {}
+    for name in ("still", "dropped"):
+        lines = (out / "runs" / name / "sst2" / "lr0.001-seed1" / "metrics.jsonl").read_text().splitlines()
+        first_loss[name] = next(r["loss"] for r in map(json.loads, lines) if r["group"] == "Train" and r["step"] == 1)
+    assert first_loss["still"] != first_loss["dropped"], first_loss
+
+
 def _class_distributions(model_dir, rows, tokenizer_dir):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -563,12 +563,12 @@ def broken_teachers(tmp_path, bert_teacher_dir):
     return {
         "no_config": variant("no_config", None),
         "garbage_config": variant("garbage_config", "{ this is not json"),
-        "gpt2": variant("gpt2", {**good, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}),
+        "t5": variant("t5", {**good, "architectures": ["T5ForConditionalGeneration"], "model_type": "t5"}),
         "bert_model": variant("bert_model", {**good, "architectures": ["BertModel"]}),
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "file", "no_config", "garbage_config", "gpt2", "bert_model"])
+@pytest.mark.parametrize("case", ["missing", "file", "no_config", "garbage_config", "t5", "bert_model"])
 def test_cli_rejects_a_bad_teacher_in_one_line(case, broken_teachers, tmp_path):
     teacher = {"missing": tmp_path / "nowhere", "file": tmp_path / "a_file"}.get(case) or broken_teachers[case]
     if case == "file":
@@ -578,7 +578,8 @@ def test_cli_rejects_a_bad_teacher_in_one_line(case, broken_teachers, tmp_path):
                "file": [str(teacher), "not a directory"],
                "no_config": [str(teacher), "no config.json"],
                "garbage_config": [str(teacher / "config.json"), "cannot read"],
-               "gpt2": ["GPT2LMHeadModel is not supported", "BertForMaskedLM, BertForPreTraining, RobertaForMaskedLM"],
+               "t5": ["T5ForConditionalGeneration is not supported",
+                      "BertForMaskedLM, BertForPreTraining, RobertaForMaskedLM"],
                "bert_model": ["BertModel is not supported", "MLM head"]}[case]
     _assert_one_line_error(proc, *needles)
     assert not (tmp_path / "out").exists()

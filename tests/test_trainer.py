@@ -14,7 +14,8 @@ from runs import losses_by_step, metrics, train, write_ds_config, write_run_conf
 
 EXPECTED_TAGS = {"Train/loss", "Train/loss_ce", "Train/loss_mlm", "Train/loss_cos", "Train/lr", "Train/grad_norm",
                  "Train/tokens_per_s", "Train/sequences_per_s", "Train/teacher_share", "Train/peak_mem_gib",
-                 "Train/skipped_steps", "Eval/mlm_accuracy", "Eval/perplexity"}
+                 "Train/skipped_steps", "Train/mfu", "Train/tflops_teacher", "Train/tflops_student",
+                 "Eval/mlm_accuracy", "Eval/perplexity"}
 
 
 @pytest.fixture(scope="module")
