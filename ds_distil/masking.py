@@ -128,35 +128,16 @@ class MaskingCollator:
         host sync), ``sample_indices``; and python ints ``num_tokens`` (real tokens) and
         ``num_targets``.
         """
-        import torch
-
-        if len(examples) != len(sample_indices):
-            raise ValueError(f"{len(examples)} examples but {len(sample_indices)} sample indices")
-        sequences = [np.asarray(example["input_ids"], dtype=np.int64) for example in examples]
-        longest = max((len(s) for s in sequences), default=0)
-        width = max(1, -(-longest // self.pad_to_multiple_of)) * self.pad_to_multiple_of
-        batch = len(sequences)
-        input_ids = np.full((batch, width), self.pad_id, dtype=np.int64)
-        attention = np.zeros((batch, width), dtype=np.int64)
-        labels = np.full((batch, width), IGNORE_INDEX, dtype=np.int64)
-        target_mask = np.zeros((batch, width), dtype=bool)
+        sequences, input_ids, attention, labels = padded_arrays(examples, sample_indices, self.pad_id,
+                                                                self.pad_to_multiple_of)
+        target_mask = np.zeros(input_ids.shape, dtype=bool)
         for row, (ids, index) in enumerate(zip(sequences, sample_indices)):
             corrupted, chosen = self.mask_sequence(ids, int(index), int(epoch))
             input_ids[row, :len(ids)] = corrupted
             attention[row, :len(ids)] = 1
             labels[row, chosen] = ids[chosen]
             target_mask[row, chosen] = True
-        positions = np.flatnonzero(target_mask.reshape(-1))
-        return {
-            "input_ids": torch.from_numpy(input_ids),
-            "attention_mask": torch.from_numpy(attention),
-            "labels": torch.from_numpy(labels),
-            "target_mask": torch.from_numpy(target_mask),
-            "target_positions": torch.from_numpy(positions.astype(np.int64)),
-            "sample_indices": torch.as_tensor(np.asarray(sample_indices, dtype=np.int64)),
-            "num_tokens": int(sum(len(s) for s in sequences)),
-            "num_targets": int(len(positions)),
-        }
+        return batch_tensors(input_ids, attention, labels, target_mask, sample_indices, sequences)
 
 
 class CausalCollator:
@@ -187,33 +168,47 @@ class CausalCollator:
         return cls(pad_id=prepared.meta["tokenizer"]["pad_token_id"], seed=seed)
 
     def __call__(self, examples: Sequence[dict], sample_indices: Sequence[int], epoch: int) -> dict:
-        import torch
-
-        if len(examples) != len(sample_indices):
-            raise ValueError(f"{len(examples)} examples but {len(sample_indices)} sample indices")
-        sequences = [np.asarray(example["input_ids"], dtype=np.int64) for example in examples]
-        longest = max((len(s) for s in sequences), default=0)
-        width = max(1, -(-longest // self.pad_to_multiple_of)) * self.pad_to_multiple_of
-        batch = len(sequences)
-        input_ids = np.full((batch, width), self.pad_id, dtype=np.int64)
-        attention = np.zeros((batch, width), dtype=np.int64)
-        labels = np.full((batch, width), IGNORE_INDEX, dtype=np.int64)
+        sequences, input_ids, attention, labels = padded_arrays(examples, sample_indices, self.pad_id,
+                                                                self.pad_to_multiple_of)
         for row, ids in enumerate(sequences):
             input_ids[row, :len(ids)] = ids
             attention[row, :len(ids)] = 1
             labels[row, :len(ids) - 1] = ids[1:]
         target_mask = labels != IGNORE_INDEX
-        positions = np.flatnonzero(target_mask.reshape(-1))
-        return {
-            "input_ids": torch.from_numpy(input_ids),
-            "attention_mask": torch.from_numpy(attention),
-            "labels": torch.from_numpy(labels),
-            "target_mask": torch.from_numpy(target_mask),
-            "target_positions": torch.from_numpy(positions.astype(np.int64)),
-            "sample_indices": torch.as_tensor(np.asarray(sample_indices, dtype=np.int64)),
-            "num_tokens": int(sum(len(s) for s in sequences)),
-            "num_targets": int(len(positions)),
-        }
+        return batch_tensors(input_ids, attention, labels, target_mask, sample_indices, sequences)
+
+
+def padded_arrays(examples, sample_indices, pad_id: int, pad_to_multiple_of: int):
+    """``(sequences, input_ids, attention, labels)``: the examples' token ids, padded to the
+    longest rounded up to ``pad_to_multiple_of``, their attention mask and labels that are
+    all -100 for the collator to fill in."""
+    if len(examples) != len(sample_indices):
+        raise ValueError(f"{len(examples)} examples but {len(sample_indices)} sample indices")
+    sequences = [np.asarray(example["input_ids"], dtype=np.int64) for example in examples]
+    longest = max((len(s) for s in sequences), default=0)
+    width = max(1, -(-longest // pad_to_multiple_of)) * pad_to_multiple_of
+    shape = (len(sequences), width)
+    return (sequences, np.full(shape, pad_id, dtype=np.int64), np.zeros(shape, dtype=np.int64),
+            np.full(shape, IGNORE_INDEX, dtype=np.int64))
+
+
+def batch_tensors(input_ids, attention, labels, target_mask, sample_indices, sequences) -> dict:
+    """The micro-batch both collators hand to the step: padded arrays as tensors, the flat
+    indices of the positions that carry a target (the fused head projects only those),
+    and the real-token and target counts the global loss normalisation sums."""
+    import torch
+
+    positions = np.flatnonzero(target_mask.reshape(-1))
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention),
+        "labels": torch.from_numpy(labels),
+        "target_mask": torch.from_numpy(target_mask),
+        "target_positions": torch.from_numpy(positions.astype(np.int64)),
+        "sample_indices": torch.as_tensor(np.asarray(sample_indices, dtype=np.int64)),
+        "num_tokens": int(sum(len(s) for s in sequences)),
+        "num_targets": int(len(positions)),
+    }
 
 
 def objective_of(meta: dict) -> str:

@@ -90,26 +90,19 @@ def new_gpt2_teacher(tokenizer, num_layers: int = 4, hidden_size: int = 32, num_
                      max_position: int = 128, seed: int = 0, output_dir: str | Path | None = None,
                      dropout: float = 0.1):
     """A randomly initialised ``GPT2LMHeadModel`` (head tied to ``wte``) matching ``tokenizer``."""
-    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     eot = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=max_position, n_embd=hidden_size,
                         n_layer=num_layers, n_head=num_heads, resid_pdrop=dropout, embd_pdrop=dropout,
                         attn_pdrop=dropout, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(config)
-    if output_dir is not None:
-        model.save_pretrained(str(output_dir))
-        tokenizer.save_pretrained(str(output_dir))
-    return model
+    return _initialised(GPT2LMHeadModel, config, tokenizer, seed, output_dir)
 
 
 def new_llama_teacher(tokenizer, num_layers: int = 4, hidden_size: int = 32, num_heads: int = 4,
                       num_kv_heads: int = 2, intermediate_size: int = 64, max_position: int = 128,
                       tie_word_embeddings: bool = False, seed: int = 0, output_dir: str | Path | None = None):
     """A randomly initialised ``LlamaForCausalLM`` (grouped-query attention, rotary positions)."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     eot = tokenizer.eos_token_id
@@ -118,12 +111,7 @@ def new_llama_teacher(tokenizer, num_layers: int = 4, hidden_size: int = 32, num
                          num_key_value_heads=num_kv_heads, max_position_embeddings=max_position,
                          tie_word_embeddings=tie_word_embeddings, bos_token_id=eot, eos_token_id=eot,
                          pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    if output_dir is not None:
-        model.save_pretrained(str(output_dir))
-        tokenizer.save_pretrained(str(output_dir))
-    return model
+    return _initialised(LlamaForCausalLM, config, tokenizer, seed, output_dir)
 
 
 def new_modernbert_teacher(tokenizer, num_layers: int = 6, hidden_size: int = 32, num_heads: int = 2,
@@ -131,7 +119,6 @@ def new_modernbert_teacher(tokenizer, num_layers: int = 6, hidden_size: int = 32
                            seed: int = 0, output_dir: str | Path | None = None):
     """A randomly initialised ``ModernBertForMaskedLM`` (global attention every third layer,
     sliding-window attention of ``local_attention`` tokens in the others) matching ``tokenizer``."""
-    import torch
     from transformers import ModernBertConfig, ModernBertForMaskedLM
 
     config = ModernBertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
@@ -140,12 +127,7 @@ def new_modernbert_teacher(tokenizer, num_layers: int = 6, hidden_size: int = 32
                               pad_token_id=tokenizer.pad_token_id, cls_token_id=tokenizer.cls_token_id,
                               sep_token_id=tokenizer.sep_token_id, bos_token_id=tokenizer.cls_token_id,
                               eos_token_id=tokenizer.sep_token_id)
-    torch.manual_seed(seed)
-    model = ModernBertForMaskedLM(config)
-    if output_dir is not None:
-        model.save_pretrained(str(output_dir))
-        tokenizer.save_pretrained(str(output_dir))
-    return model
+    return _initialised(ModernBertForMaskedLM, config, tokenizer, seed, output_dir)
 
 
 def new_bert_teacher(tokenizer, num_layers: int = 4, hidden_size: int = 128, num_heads: int = 2,
@@ -154,26 +136,19 @@ def new_bert_teacher(tokenizer, num_layers: int = 4, hidden_size: int = 128, num
     """A randomly initialised ``BertForMaskedLM`` matching ``tokenizer``; saved if asked.
 
     ``dropout`` is BERT's hidden and attention dropout (0.1 in the published models)."""
-    import torch
     from transformers import BertConfig, BertForMaskedLM
 
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
                         num_attention_heads=num_heads, intermediate_size=intermediate_size,
                         max_position_embeddings=max_position, pad_token_id=tokenizer.pad_token_id,
                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    torch.manual_seed(seed)
-    model = BertForMaskedLM(config)
-    if output_dir is not None:
-        model.save_pretrained(str(output_dir))
-        tokenizer.save_pretrained(str(output_dir))
-    return model
+    return _initialised(BertForMaskedLM, config, tokenizer, seed, output_dir)
 
 
 def new_roberta_teacher(tokenizer, num_layers: int = 4, hidden_size: int = 128, num_heads: int = 2,
                         intermediate_size: int = 512, max_position: int = 512, seed: int = 0,
                         output_dir: str | Path | None = None):
     """A randomly initialised ``RobertaForMaskedLM`` matching ``tokenizer``; saved if asked."""
-    import torch
     from transformers import RobertaConfig, RobertaForMaskedLM
 
     pad = tokenizer.pad_token_id
@@ -183,8 +158,15 @@ def new_roberta_teacher(tokenizer, num_layers: int = 4, hidden_size: int = 128, 
                            max_position_embeddings=max_position + pad + 1, type_vocab_size=1,
                            pad_token_id=pad, bos_token_id=tokenizer.bos_token_id,
                            eos_token_id=tokenizer.eos_token_id)
+    return _initialised(RobertaForMaskedLM, config, tokenizer, seed, output_dir)
+
+
+def _initialised(model_class, config, tokenizer, seed: int, output_dir: str | Path | None):
+    """``model_class(config)`` with weights drawn from ``seed``; saved with ``tokenizer`` if asked."""
+    import torch
+
     torch.manual_seed(seed)
-    model = RobertaForMaskedLM(config)
+    model = model_class(config)
     if output_dir is not None:
         model.save_pretrained(str(output_dir))
         tokenizer.save_pretrained(str(output_dir))

@@ -106,6 +106,12 @@ class Family:
         depth = self.num_layers(config)
         if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
             raise UserError(f"{config_file}: {self.depth_key} is {depth!r}; expected a positive integer")
+        # Families that mix attention kinds (Llama-style sliding windows, ModernBERT's
+        # global/local layers) list one per layer; the surgery cuts it with the layer map.
+        types = config.get("layer_types")
+        if types is not None and (not isinstance(types, list) or len(types) != depth):
+            raise UserError(f"{config_file}: layer_types must list one attention type per layer "
+                            f"({depth}); restore the model's own config.json")
 
     def max_positions(self, config: dict[str, Any]) -> int | None:
         """The longest sequence a model of this ``config.json`` takes, or None (not limited)."""

@@ -13,10 +13,8 @@ layer keeps its attention kind.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from ds_distil.errors import UserError
 from ds_distil.models.base import Family, identity
 
 CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -31,13 +29,6 @@ class LlamaFamily(Family):
     trainable = tuple(CLASSES.values())
     default_classes = dict(CLASSES)
     layers_attr = "model.layers"
-
-    def check_layout(self, config: dict[str, Any], config_file: Path) -> None:
-        super().check_layout(config, config_file)
-        types = config.get("layer_types")
-        if types is not None and (not isinstance(types, list) or len(types) != config["num_hidden_layers"]):
-            raise UserError(f"{config_file}: layer_types must list one attention type per layer "
-                            f"({config['num_hidden_layers']}); restore the model's own config.json")
 
     def max_positions(self, config: dict[str, Any]) -> int | None:
         return None  # rotary positions: no table to run past (max_position_embeddings is advisory)

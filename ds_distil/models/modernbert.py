@@ -16,10 +16,6 @@ Two things depend on a layer's index, and the surgery keeps each copied layer's:
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
-from ds_distil.errors import UserError
 from ds_distil.models.base import Family, Plan, SurgeryOptions
 
 
@@ -30,13 +26,6 @@ class ModernBertFamily(Family):
     trainable = ("ModernBertForMaskedLM",)
     default_classes = {"modernbert": "ModernBertForMaskedLM"}
     layers_attr = "model.layers"
-
-    def check_layout(self, config: dict[str, Any], config_file: Path) -> None:
-        super().check_layout(config, config_file)
-        types = config.get("layer_types")
-        if types is not None and (not isinstance(types, list) or len(types) != config["num_hidden_layers"]):
-            raise UserError(f"{config_file}: layer_types must list one attention type per layer "
-                            f"({config['num_hidden_layers']}); restore the model's own config.json")
 
     def student_config(self, teacher_config, layer_map, teacher_class):
         config = super().student_config(teacher_config, layer_map, teacher_class)
