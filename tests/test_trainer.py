@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +58,19 @@ def test_distillation_loss_falls_and_every_term_is_logged(distil_config, tmp_pat
         assert set(r) >= {"loss_ce", "loss_mlm", "loss_cos", "lr", "tokens_per_s", "teacher_share"}
         assert r["loss"] == pytest.approx(5 * r["loss_ce"] + 2 * r["loss_mlm"] + 1 * r["loss_cos"], rel=1e-6)
         assert 0 < r["teacher_share"] < 1
+    # Model FLOP/s and MFU on every log line; teacher forward and student forward+backward
+    # split as the models' configs and the data's lengths say (L_ce at every real token).
+    from ds_distil import metrics as flops
+
+    run_cfg = json.loads((tmp_path / "run" / "run_config.json").read_text())
+    shapes = {role: flops.ModelShape.of(json.loads((Path(run_cfg[role]) / "config.json").read_text()))
+              for role in ("student", "teacher")}
+    length = flops.attention_length(json.loads((Path(run_cfg["data"]) / "meta.json").read_text()))
+    per_token = flops.distill_flops_per_token(shapes["student"], shapes["teacher"], length, 1.0)
+    for r in rows:
+        assert r["mfu"] > 0 and r["tflops_student"] > 0
+        assert r["tflops_teacher"] / r["tflops_student"] == pytest.approx(per_token["teacher"] / per_token["student"])
+    assert "MFU" in result.stdout
     assert "batch: 8 sequences/micro-batch x 1 accumulation x 1 ranks = 8 sequences/step" in result.stdout
     # The resolved configs are written with the run and into the checkpoint.
     out = tmp_path / "run"
