@@ -84,6 +84,10 @@ class TrainConfig:
     hung rank makes the others stop (exit 4) after this long instead of hanging."""
     progress_bar: bool = True
     """Show a progress bar on rank 0 (the log lines are printed either way)."""
+    freeze_position_embeddings: bool = False
+    """Keep the student's learned position embeddings as initialised (from the teacher),
+    as the reference's --freeze_pos_embs did for DistilRoBERTa and DistilGPT2; students with
+    rotary positions (Llama-style, ModernBERT) have none and are refused."""
     peak_tflops: float | None = None
     """Device peak in TFLOP/s that the logged MFU divides by (dense matmuls at the run's
     precision, per device); null = measured once at start on CPU, looked up per GPU model
@@ -407,6 +411,7 @@ def preflight(cfg: RunConfig, world_size: int, accelerator=None) -> list[str]:
         problems += positions_problems(cfg, meta, models)
         if ds is not None:
             problems += run_length_problems(cfg, ds, meta, world_size)
+    problems += freeze_problems(cfg, models.get("student"))
     problems += resume_problems(cfg, models.get("student"))
     return problems
 
@@ -859,6 +864,17 @@ def positions_problems(cfg: RunConfig, meta: dict, models: dict) -> list[str]:
         problems.append(f"data: {cfg.data} holds token ids up to {vocab - 1}, but {' and '.join(small)}: use models of "
                         "this tokenizer, or prepare the data with the models' own tokenizer")
     return problems
+
+
+def freeze_problems(cfg: RunConfig, student: dict | None) -> list[str]:
+    """``train.freeze_position_embeddings`` needs a student with a learned position table."""
+    from ds_distil.models import class_of, family_of
+
+    found = family_of(student) if cfg.train.freeze_position_embeddings and isinstance(student, dict) else None
+    if found is None or found.position_table is not None:
+        return []
+    return [f"train.freeze_position_embeddings: student {cfg.student} ({class_of(student)}) has rotary positions, "
+            "no position embeddings to freeze; set train.freeze_position_embeddings=false"]
 
 
 def run_length_problems(cfg: RunConfig, ds: dict, meta: dict, world_size: int) -> list[str]:

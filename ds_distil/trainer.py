@@ -304,9 +304,13 @@ class Trainer:
         import deepspeed
 
         from ds_distil import checkpoint, ds_config
-        from ds_distil.modeling import StudentObjective, load_model
+        from ds_distil.modeling import StudentObjective, family, load_model
 
         student = load_model(self.cfg.student)
+        if self.cfg.train.freeze_position_embeddings:
+            # Refused in preflight for rotary students, so the table exists. A frozen tensor
+            # is left out of the optimizer below and saved with the module's weights.
+            family(student).position_embeddings(student).requires_grad_(False)
         model = StudentObjective(student, self.cfg.loss.temperature,
                                  mse=self.cfg.teacher is not None and self.cfg.loss.alpha_mse > 0)
         # Every loss term and the throughput go to TensorBoard unless the JSON turns it off.

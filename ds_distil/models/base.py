@@ -78,6 +78,9 @@ class Family:
     width_key: str = "hidden_size"
     # config.json key of the position-table size ("max_position_embeddings", GPT-2: "n_positions").
     positions_key: str = "max_position_embeddings"
+    # Dotted path, below ``base(model)``, of the learned position embedding (GPT-2: "wpe");
+    # None for rotary positions, which have no weights (Llama-style, ModernBERT).
+    position_table: str | None = "embeddings.position_embeddings"
 
     # ------------------------------------------------------------------ layout
 
@@ -165,6 +168,10 @@ class Family:
                  layer_map: list[int]) -> list[str]:
         """Settings the student cannot carry over, so that its copied layers differ slightly."""
         return []
+
+    def position_embeddings(self, model: "nn.Module") -> "nn.Module | None":
+        """The learned position table (an ``nn.Embedding``), or None for rotary positions."""
+        return attrgetter(self.position_table)(self.base(model)) if self.position_table else None
 
     def embedding_parameters(self, model: "nn.Module") -> list[tuple[str, "torch.Tensor"]]:
         """The input embeddings (and learned positions) the teacher fingerprint hashes."""

@@ -27,6 +27,7 @@ class Gpt2Family(Family):
     layers_attr = "transformer.h"
     depth_key = "n_layer"
     positions_key = "n_positions"
+    position_table = "wpe"
     width_key = "n_embd"
 
     def check_layout(self, config: dict[str, Any], config_file: Path) -> None:

@@ -29,6 +29,7 @@ class LlamaFamily(Family):
     trainable = tuple(CLASSES.values())
     default_classes = dict(CLASSES)
     layers_attr = "model.layers"
+    position_table = None  # rotary
 
     def max_positions(self, config: dict[str, Any]) -> int | None:
         return None  # rotary positions: no table to run past (max_position_embeddings is advisory)

@@ -26,6 +26,7 @@ class ModernBertFamily(Family):
     trainable = ("ModernBertForMaskedLM",)
     default_classes = {"modernbert": "ModernBertForMaskedLM"}
     layers_attr = "model.layers"
+    position_table = None  # rotary
 
     def student_config(self, teacher_config, layer_map, teacher_class):
         config = super().student_config(teacher_config, layer_map, teacher_class)
