@@ -34,11 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ds_distil.errors import UserError
+from ds_distil.models import FAMILIES
 from ds_distil.trainer import DistillStep, StepTotals, Trainer
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
-# Encoders whose transformers sequence-classification class ds-distil fine-tunes.
-SUPPORTED_ENCODERS = ("bert", "distilbert", "roberta", "xlm-roberta")
+# Encoders ds-distil fine-tunes (with transformers' sequence-classification class of each):
+# the model types of every masked-LM family (BERT, DistilBERT, RoBERTa, XLM-R, ModernBERT).
+SUPPORTED_ENCODERS = tuple(t for f in FAMILIES if f.objective == "masked" for t in f.model_types)
 
 
 @dataclass

@@ -320,3 +320,35 @@ def test_a_modernbert_map_without_layer_0_drops_its_attention_norm_and_says_so(m
     assert "without its attention norm" in report["warnings"][0]
     assert "no attention norm" in report["dropped"]["model.layers.1.attn_norm.weight"]
     assert report["copied"]["model.layers.1.attn_norm.weight"] == "model.layers.3.attn_norm.weight"
+
+
+def test_finetune_takes_a_modernbert_and_learns_a_separable_task(modernbert_teacher_dir, tmp_path):
+    """``ds-distil finetune`` on ModernBERT (transformers' ModernBertForSequenceClassification):
+    a custom task whose label is which of two words a sentence holds."""
+    import random
+
+    from conftest import child_env, make_corpus_lines
+
+    data = tmp_path / "task"
+    data.mkdir()
+    for split, n, seed in (("train", 480, 1), ("dev", 120, 2)):
+        rng, rows = random.Random(seed), []
+        for line in make_corpus_lines(n, seed=seed, min_words=4, max_words=12):
+            word = rng.choice(("teacher", "student"))
+            words = [w for w in line.rstrip(".").split() if w not in ("teacher", "student")]
+            words.insert(rng.randint(0, len(words)), word)
+            rows.append(json.dumps({"text": " ".join(words), "label": word}))
+        (data / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "ft"
+    proc = subprocess.run([sys.executable, "-m", "ds_distil", "finetune", "--models", f"modernbert={modernbert_teacher_dir}",
+                           "--task", "keyword", "--data", str(data), "--text-columns", "text", "--output", str(out),
+                           "--lr", "3e-3", "--seeds", "1", "--epochs", "6", "--batch-size", "32",
+                           "--max-seq-len", "32", "--log-interval", "1000"],
+                          env=child_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    task = json.loads((out / "results.json").read_text())["models"]["modernbert"]["tasks"]["keyword"]
+    assert task["score"] >= 90, task
+    from transformers import AutoModelForSequenceClassification
+
+    assert type(AutoModelForSequenceClassification.from_pretrained(task["model"])).__name__ == \
+        "ModernBertForSequenceClassification"
