@@ -22,6 +22,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 from ds_distil.errors import UserError
 
@@ -149,7 +150,37 @@ def setup_distributed(timeout_s: float = 600.0) -> DistInfo:
     actual = torch.distributed.get_world_size()
     if actual != info.world_size:
         raise RuntimeError(f"WORLD_SIZE={info.world_size} but the process group has {actual} ranks")
+    release_shm_allreduce_buffer(info.rank, info.world_size)
     return info
+
+
+def shm_allreduce_buffer(rank: int) -> Path:
+    """The /dev/shm file of DeepSpeed's CPU shared-memory all-reduce for ``rank`` of this job."""
+    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+                               f"{os.environ.get('MASTER_PORT')}_{rank}")
+
+
+def release_shm_allreduce_buffer(rank: int, world_size: int) -> None:
+    """Unlink this rank's DeepSpeed shared-memory all-reduce buffer once every rank has mapped it.
+
+    On CPU, DeepSpeed's comm layer gives each rank of a node a 69 MB /dev/shm file that the
+    others map at initialisation, and never removes it: every run leaked ranks x 69 MB of
+    RAM until reboot (a test suite or a sweep of runs filled /dev/shm). The mappings are all
+    made inside ``init_distributed``, so after one barrier the names are no longer needed:
+    unlinked now, the memory goes back when the processes exit, even when they are killed.
+    """
+    import torch
+
+    own = shm_allreduce_buffer(rank)
+    if world_size > 1:
+        # The buffer exists on every rank or on none (DeepSpeed uses it only when all
+        # ranks share a node), but the barrier must not depend on it: always take it on CPU.
+        from deepspeed.accelerator import get_accelerator
+
+        if get_accelerator().device_name() != "cpu":
+            return
+        torch.distributed.barrier()
+    own.unlink(missing_ok=True)
 
 
 def teardown_distributed() -> None:
