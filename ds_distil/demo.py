@@ -49,7 +49,11 @@ MODELS = ("teacher", "student", "baseline")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", default="demo_run", help="where everything is written (default: demo_run)")
+    parser.add_argument("--family", choices=("bert", "gpt2"), default="bert",
+                        help="bert: DistilBERT in miniature (MLM, downstream task); gpt2: DistilGPT2 in miniature "
+                             "(causal LM: perplexity, size and speed)")
+    parser.add_argument("--workdir", default=None,
+                        help="where everything is written (default: demo_run, or demo_run_gpt2 for --family gpt2)")
     parser.add_argument("--corpus-mb", type=float, default=8.0, help="size of the harvested corpus in MB")
     parser.add_argument("--vocab-size", type=int, default=2048,
                         help="WordPiece vocabulary (small, so that the embedding does not dominate a small model)")
@@ -73,11 +77,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     started = time.time()
-    work = Path(args.workdir).resolve()
+    work = Path(args.workdir or ("demo_run" if args.family == "bert" else f"demo_run_{args.family}")).resolve()
     _check_workdir(work)
     summary_path = work / "summary.json"
     if summary_path.exists() and not args.force:
         summary = _read_summary(summary_path)
+        if summary is not None and summary.get("family", "bert") != args.family:
+            raise UserError(f"--workdir {work}: holds a finished {summary.get('family', 'bert')} demo; choose another "
+                            f"--workdir for --family {args.family}, or add --force to replace it")
         if summary is not None:  # idempotent: a finished demo is shown again, not redone
             print(format_table(summary))
             print(f"\n{work} holds a finished demo; run it again with --force (make demo DEMO_ARGS=--force)")
@@ -93,16 +100,24 @@ def run(args) -> int:
         stats = harvest_docstrings(corpus, sources, int(args.corpus_mb * 1e6))
         print(f"    {stats['paragraphs']:,} paragraphs, {stats['bytes'] / 1e6:.1f} MB from {stats['files']:,} files")
 
+    causal = args.family == "gpt2"
     tok_dir = work / "tokenizer"
     data_dir = work / "data"
     if not (data_dir / "meta.json").exists():
         _stage("2/8 tokenizer and data")
-        from ds_distil.scratch import train_wordpiece_tokenizer
+        from ds_distil import scratch
 
+        train_tokenizer = scratch.train_gpt2_tokenizer if causal else scratch.train_wordpiece_tokenizer
         with open(corpus) as f:
-            train_wordpiece_tokenizer(f, args.vocab_size, tok_dir, model_max_length=args.seq_len)
+            train_tokenizer((line for line in f if line.strip()), args.vocab_size, tok_dir,
+                            model_max_length=args.seq_len)
         _cli(env, "prepare", "--tokenizer", tok_dir, "--input", corpus, "--output", data_dir,
-             "--max-seq-len", args.seq_len, "--validation-fraction", 0.02, "--num-proc", 2)
+             "--max-seq-len", args.seq_len, "--validation-fraction", 0.02, "--num-proc", 2,
+             # One paragraph per sequence, as the reference's data (packing a file's paragraphs,
+             # --unit document, raised the fill from 63% to 89% but not the teacher's MLM loss
+             # at 2,500 steps: it sees the 2.5 M-token corpus ~3 times either way). A decoder's
+             # data is GPT-2's: the files joined by end-of-text and cut into full blocks.
+             "--unit", "block" if causal else "line")
 
     ds_json = work / "ds_cpu.json"
     _write_ds_config(ds_json, args.batch, args.ranks)
@@ -110,19 +125,22 @@ def run(args) -> int:
     if not (teacher_init / "config.json").exists():
         from transformers import AutoTokenizer
 
-        from ds_distil.scratch import new_bert_teacher
+        from ds_distil import scratch
 
-        new_bert_teacher(AutoTokenizer.from_pretrained(tok_dir), num_layers=args.teacher_layers,
-                         hidden_size=args.hidden, num_heads=max(1, args.hidden // 64),
-                         intermediate_size=4 * args.hidden, max_position=args.seq_len, output_dir=teacher_init,
-                         # Minutes of training see each token about once: the models underfit,
-                         # and dropout would only slow them (the student and the downstream
-                         # runs inherit this through the teacher's config).
-                         dropout=0.0)
+        new_teacher = scratch.new_gpt2_teacher if causal else scratch.new_bert_teacher
+        shape = {} if causal else {"intermediate_size": 4 * args.hidden}  # GPT-2: 4 x n_embd by definition
+        new_teacher(AutoTokenizer.from_pretrained(tok_dir), num_layers=args.teacher_layers,
+                    hidden_size=args.hidden, num_heads=max(1, args.hidden // 64), max_position=args.seq_len,
+                    output_dir=teacher_init,
+                    # Minutes of training see each token about once: the models underfit,
+                    # and dropout would only slow them (the student and the downstream
+                    # runs inherit this through the teacher's config).
+                    dropout=0.0, **shape)
 
-    _stage(f"3/8 pretraining the teacher (MLM only, deepspeed, {args.ranks} ranks)")
+    lm = "causal LM" if causal else "MLM"
+    _stage(f"3/8 pretraining the teacher ({lm} only, deepspeed, {args.ranks} ranks)")
     _train(env, args.ranks, _run_config(work, "teacher", student=teacher_init, teacher=None, data=data_dir, ds=ds_json,
-                               steps=args.teacher_steps, lr=args.teacher_lr))
+                                        steps=args.teacher_steps, lr=args.teacher_lr, causal=causal))
     teacher_dir = work / "teacher"
     _cli(env, "export", "--checkpoint", work / "runs" / "teacher", "--output", teacher_dir, "--force")
 
@@ -130,38 +148,45 @@ def run(args) -> int:
     student_init = work / "student_init"
     _cli(env, "init-student", "--teacher", teacher_dir, "--output", student_init, "--force")
     _train(env, args.ranks, _run_config(work, "student", student=student_init, teacher=teacher_dir, data=data_dir,
-                                        ds=ds_json, steps=args.student_steps, lr=args.student_lr))
+                                        ds=ds_json, steps=args.student_steps, lr=args.student_lr, causal=causal))
     _cli(env, "export", "--checkpoint", work / "runs" / "student", "--output", work / "student", "--force")
 
-    _stage("5/8 baseline: the same student from random init, MLM only")
+    _stage(f"5/8 baseline: the same student from random init, {lm} only")
     baseline_init = work / "baseline_init"
     _random_like(student_init, baseline_init)
     _train(env, args.ranks, _run_config(work, "baseline", student=baseline_init, teacher=None, data=data_dir,
-                                        ds=ds_json, steps=args.student_steps, lr=args.student_lr))
+                                        ds=ds_json, steps=args.student_steps, lr=args.student_lr, causal=causal))
     _cli(env, "export", "--checkpoint", work / "runs" / "baseline", "--output", work / "baseline", "--force")
     exported = {"teacher": teacher_dir, "student": work / "student", "baseline": work / "baseline"}
 
-    _stage("6/8 MLM evaluation on the held-out split (uniform masks) and batch-1 latency")
+    masks = "next-token targets" if causal else "uniform masks"
+    _stage(f"6/8 {lm} evaluation on the held-out split ({masks}) and batch-1 latency")
     summary = evaluate_models(data_dir, exported)
+    summary.update(family=args.family, exported_models={n: str(p) for n, p in exported.items()},
+                   tensorboard_dir=str(work / "runs"), teacher_steps=args.teacher_steps,
+                   student_steps=args.student_steps)
 
-    _stage("7/8 downstream: fine-tuning each model on which package a paragraph comes from")
-    task_dir = work / "task"
-    task = build_source_task(corpus, sources, task_dir, args.task_classes, args.task_train, args.task_dev)
-    print(f"    {len(task['classes'])} classes ({', '.join(task['classes'])}), {task['train']:,} training and "
-          f"{task['dev']:,} held-out paragraphs")
-    finetune_out = work / "finetune"
-    _launch(env, args.ranks, "finetune", "--models", *(f"{n}={p}" for n, p in exported.items()),
-            "--task", "docsource", "--data", task_dir, "--text-columns", "text", "--output", finetune_out,
-            "--lr", args.finetune_lr, "--seeds", args.finetune_seeds, "--epochs", args.finetune_epochs,
-            "--batch-size", 32, "--max-seq-len", args.seq_len, "--log-interval", 1000,
-            "--deepspeed-config", ds_json)
-    downstream = json.loads((finetune_out / "results.json").read_text())
-    summary = add_downstream(summary, downstream, task)
-    summary.update(exported_models={n: str(p) for n, p in exported.items()},
-                   finetuned_models={n: m["tasks"]["docsource"].get("model") for n, m in downstream["models"].items()},
-                   finetune_results=str(finetune_out / "results.json"), tensorboard_dir=str(work / "runs"),
-                   teacher_steps=args.teacher_steps, student_steps=args.student_steps,
-                   wall_minutes=round((time.time() - started) / 60, 1), load_average=os.getloadavg())
+    if causal:
+        # DistilGPT2's claims are perplexity, size and speed; finetune takes encoders.
+        _stage("7/8 downstream: none for a decoder (its claims are perplexity, size and speed)")
+    else:
+        _stage("7/8 downstream: fine-tuning each model on which package a paragraph comes from")
+        task_dir = work / "task"
+        task = build_source_task(corpus, sources, task_dir, args.task_classes, args.task_train, args.task_dev)
+        print(f"    {len(task['classes'])} classes ({', '.join(task['classes'])}), {task['train']:,} training and "
+              f"{task['dev']:,} held-out paragraphs")
+        finetune_out = work / "finetune"
+        _launch(env, args.ranks, "finetune", "--models", *(f"{n}={p}" for n, p in exported.items()),
+                "--task", "docsource", "--data", task_dir, "--text-columns", "text", "--output", finetune_out,
+                "--lr", args.finetune_lr, "--seeds", args.finetune_seeds, "--epochs", args.finetune_epochs,
+                "--batch-size", 32, "--max-seq-len", args.seq_len, "--log-interval", 1000,
+                "--deepspeed-config", ds_json)
+        downstream = json.loads((finetune_out / "results.json").read_text())
+        summary = add_downstream(summary, downstream, task)
+        summary.update(finetuned_models={n: m["tasks"]["docsource"].get("model")
+                                         for n, m in downstream["models"].items()},
+                       finetune_results=str(finetune_out / "results.json"))
+    summary.update(wall_minutes=round((time.time() - started) / 60, 1), load_average=os.getloadavg())
 
     _stage("8/8 summary")
     tmp = summary_path.with_suffix(".json.tmp")
@@ -195,13 +220,15 @@ def _read_summary(path: Path) -> dict | None:
 # ---------------------------------------------------------------------- corpus
 
 def harvest_docstrings(output: Path, sources: Path, target_bytes: int) -> dict:
-    """Deduplicated English docstring paragraphs (8+ words), one per line in ``output``; the
-    package each comes from on the same line of ``sources`` (``python`` for the standard library)."""
+    """Deduplicated English docstring paragraphs (8+ words), one per line in ``output``, a blank
+    line after each file's paragraphs (one document per file); the package each comes from on
+    the same line of ``sources`` (``python`` for the standard library)."""
     seen: set[bytes] = set()
     written = n_files = 0
     with open(output, "w") as out, open(sources, "w") as src:
         for package, path in _python_files():
             n_files += 1
+            kept = 0
             for paragraph in _docstring_paragraphs(path):
                 key = hashlib.blake2b(paragraph.lower().encode(), digest_size=12).digest()
                 if key in seen:
@@ -210,6 +237,10 @@ def harvest_docstrings(output: Path, sources: Path, target_bytes: int) -> dict:
                 out.write(paragraph + "\n")
                 src.write(package + "\n")
                 written += len(paragraph) + 1
+                kept += 1
+            if kept:  # a blank line ends the file's document: `prepare --unit document` packs within it
+                out.write("\n")
+                src.write("\n")
             if written >= target_bytes:
                 break
     if written == 0:
@@ -266,7 +297,8 @@ def build_source_task(corpus: Path, sources: Path, out: Path, classes: int, trai
     labels = sources.read_text().splitlines()
     by_source: dict[str, list[str]] = {}
     for text, label in zip(texts, labels):
-        by_source.setdefault(label, []).append(text)
+        if text:  # blank lines separate the documents (files)
+            by_source.setdefault(label, []).append(text)
     need = train_per_class + dev_per_class
     ranked = sorted((s for s in by_source if len(by_source[s]) >= need), key=lambda s: -len(by_source[s]))
     if len(ranked) < 2:
@@ -343,12 +375,15 @@ def _write_ds_config(path: Path, global_batch: int, ranks: int) -> None:
                                                  micro_batch=micro), indent=2))
 
 
-def _run_config(work: Path, name: str, student, teacher, data, ds, steps: int, lr: float) -> Path:
+def _run_config(work: Path, name: str, student, teacher, data, ds, steps: int, lr: float,
+                causal: bool = False) -> Path:
     from ds_distil.ds_config import with_batch_and_lr
 
+    # The reference's weights: 5 L_ce + 2 L_mlm (L_clm for a decoder) + 1 L_cos.
+    lm_term = {"alpha_clm": 2.0} if causal else {"alpha_mlm": 2.0}
     cfg = {"student": str(student), "teacher": str(teacher) if teacher else None, "data": str(data),
            "deepspeed_config": str(ds), "output_dir": str(work / "runs" / name),
-           "loss": {"alpha_ce": 5.0 if teacher else 0.0, "alpha_mlm": 2.0, "alpha_cos": 1.0 if teacher else 0.0},
+           "loss": {"alpha_ce": 5.0 if teacher else 0.0, **lm_term, "alpha_cos": 1.0 if teacher else 0.0},
            # Uniform masks for every model: the metric of step 6 is the standard one.
            "masking": {"smoothing": None},
            "train": {"max_steps": steps, "log_interval": max(1, steps // 10), "checkpoint_interval": 0,
@@ -365,10 +400,13 @@ def _run_config(work: Path, name: str, student, teacher, data, ds, steps: int, l
 def _random_like(student_dir: Path, output: Path) -> None:
     """The student's architecture and tokenizer with fresh random weights."""
     import torch
-    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    from ds_distil.modeling import model_objective
 
     torch.manual_seed(1234)
-    model = AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(student_dir))
+    auto = AutoModelForCausalLM if model_objective(student_dir) == "causal" else AutoModelForMaskedLM
+    model = auto.from_config(AutoConfig.from_pretrained(student_dir))
     model.save_pretrained(output)
     AutoTokenizer.from_pretrained(student_dir).save_pretrained(output)
 
@@ -376,46 +414,61 @@ def _random_like(student_dir: Path, output: Path) -> None:
 # ---------------------------------------------------------------------- evaluation
 
 def evaluate_models(data_dir: Path, models: dict) -> dict:
-    """Held-out MLM accuracy / perplexity, parameters and batch-1 CPU latency of each model.
+    """Held-out LM accuracy / perplexity, parameters and batch-1 CPU latency of each model.
 
-    Two sets of fixed masks, the same for every model: uniform 15% (80/10/10), the standard
-    metric, and the training recipe's smoothed masks (count^-0.7, rare tokens favoured).
+    Masked LMs: two sets of fixed masks, the same for every model: uniform 15% (80/10/10),
+    the standard metric, and the training recipe's smoothed masks (count^-0.7, rare tokens
+    favoured). Causal LMs: every next-token target of the held-out blocks, each block its
+    own window (per-token perplexity, as DistilGPT2 is reported).
     """
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from ds_distil.config import MaskingConfig
     from ds_distil.data import load_prepared, make_eval_loader
-    from ds_distil.masking import MaskingCollator
-    from ds_distil.modeling import count_parameters
+    from ds_distil.masking import MaskingCollator, make_collator, objective_of
+    from ds_distil.modeling import count_parameters, load_model
 
     prepared = load_prepared(data_dir)
+    causal = objective_of(prepared.meta) == "causal"
     tokenizer = AutoTokenizer.from_pretrained(models["teacher"])
-    masks = {}
-    for kind, smoothing in (("uniform", None), ("smoothed", MaskingConfig().smoothing)):
-        options = dict(dataclasses.asdict(MaskingConfig()), smoothing=smoothing)
-        collator = MaskingCollator.from_prepared(prepared, tokenizer, seed=0, **options)
-        masks[kind] = list(make_eval_loader(prepared.validation, collator, 64, num_workers=0))
+    targets = {}
+    if causal:
+        collator = make_collator(prepared, tokenizer)
+        targets["next"] = list(make_eval_loader(prepared.validation, collator, 64, num_workers=0))
+    else:
+        for kind, smoothing in (("uniform", None), ("smoothed", MaskingConfig().smoothing)):
+            options = dict(dataclasses.asdict(MaskingConfig()), smoothing=smoothing)
+            collator = MaskingCollator.from_prepared(prepared, tokenizer, seed=0, **options)
+            targets[kind] = list(make_eval_loader(prepared.validation, collator, 64, num_workers=0))
+    standard = targets["next" if causal else "uniform"]
     results = {}
-    loaded = {name: AutoModelForMaskedLM.from_pretrained(path).eval() for name, path in models.items()}
-    for name, model in loaded.items():
-        uniform, smoothed = _mlm_scores(model, masks["uniform"]), _mlm_scores(model, masks["smoothed"])
-        results[name] = {"parameters": count_parameters(model), "mlm_accuracy": uniform["accuracy"],
-                         "perplexity": uniform["perplexity"], "mlm_accuracy_smoothed": smoothed["accuracy"],
-                         "perplexity_smoothed": smoothed["perplexity"]}
-    latency = batch1_latency_ms(models, prepared.validation)
+    for name, path in models.items():
+        model = load_model(str(path)).eval()
+        scores = _lm_scores(model, standard)
+        results[name] = {"parameters": count_parameters(model), "perplexity": scores["perplexity"],
+                         ("next_token_accuracy" if causal else "mlm_accuracy"): scores["accuracy"]}
+        if not causal:
+            smoothed = _lm_scores(model, targets["smoothed"])
+            results[name].update(mlm_accuracy_smoothed=smoothed["accuracy"], perplexity_smoothed=smoothed["perplexity"])
+    latency = batch1_latency_ms(models, prepared.validation, causal=causal)
     for name in results:
         results[name]["latency_ms"] = latency[name]
+    accuracy = "next_token_accuracy" if causal else "mlm_accuracy"
     return {
         "models": results,
-        "validation_targets": sum(int((b["labels"] != -100).sum()) for b in masks["uniform"]),
-        "unigram_baseline_accuracy": _unigram_accuracy(prepared, masks["uniform"]),
-        "student_mlm_retention": results["student"]["mlm_accuracy"] / max(results["teacher"]["mlm_accuracy"], 1e-9),
+        "validation_targets": sum(int((b["labels"] != -100).sum()) for b in standard),
+        "unigram_baseline_accuracy": _unigram_accuracy(prepared, standard),
+        f"student_{'lm' if causal else 'mlm'}_retention":
+            results["student"][accuracy] / max(results["teacher"][accuracy], 1e-9),
         "student_speedup": results["teacher"]["latency_ms"] / results["student"]["latency_ms"],
         "parameter_reduction": 1 - results["student"]["parameters"] / results["teacher"]["parameters"],
     }
 
 
-def _mlm_scores(model, batches) -> dict:
+def _lm_scores(model, batches) -> dict:
+    """Accuracy and perplexity over every target of ``batches`` (``labels`` != -100): masked
+    tokens of an MLM, next tokens of a causal LM (its collator puts them at the predicting
+    position, so no shift here)."""
     import math
 
     import torch
@@ -436,23 +489,28 @@ def _mlm_scores(model, batches) -> dict:
     return {"accuracy": hits / max(n, 1), "perplexity": math.exp(nll / max(n, 1))}
 
 
-def batch1_latency_ms(models: dict, validation, sequences: int = 50, repeats: int = 7) -> dict:
-    """Median batch-1 forward time per sequence of each model as a sequence classifier, on one CPU thread.
+def batch1_latency_ms(models: dict, validation, sequences: int = 50, repeats: int = 7, causal: bool = False) -> dict:
+    """Median batch-1 forward time per sequence of each model, on one CPU thread.
 
     The paper times inference at batch 1 on a CPU; a downstream model runs the encoder and
-    a small head, so that is what is timed. The models take turns in every repeat
+    a small head, so an encoder is timed as a sequence classifier, a decoder as the causal
+    LM it is (one forward over the sequence). The models take turns in every repeat
     (interleaved), so a burst of load from another process slows them alike, and the
     median of the repeats discards the outliers; one thread keeps the timing away from
     thread scheduling on a shared machine.
     """
     import torch
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized classifier": expected, it is not trained here
     try:
-        loaded = {n: AutoModelForSequenceClassification.from_pretrained(p, num_labels=2).eval() for n, p in models.items()}
+        if causal:
+            loaded = {n: AutoModelForCausalLM.from_pretrained(p).eval() for n, p in models.items()}
+        else:
+            loaded = {n: AutoModelForSequenceClassification.from_pretrained(p, num_labels=2).eval()
+                      for n, p in models.items()}
     finally:
         hf_logging.set_verbosity(level)
     rows = validation.select(range(min(sequences, len(validation))))["input_ids"]
@@ -497,6 +555,8 @@ def add_downstream(summary: dict, finetune: dict, task: dict) -> dict:
 
 
 def format_table(summary: dict) -> str:
+    if summary.get("family") == "gpt2":
+        return _format_causal(summary)
     rows = [f"{'model':<10} {'params':>10} {'MLM acc':>8} {'ppl':>8} {'task acc':>9} {'ms/seq':>7}"]
     for name, r in summary["models"].items():
         rows.append(f"{name:<10} {r['parameters']:>10,} {r['mlm_accuracy']:>8.1%} {r['perplexity']:>8.1f} "
@@ -510,4 +570,19 @@ def format_table(summary: dict) -> str:
                 f"unigram baseline {summary['unigram_baseline_accuracy']:.1%}; task: which of "
                 f"{len(task['classes'])} packages a paragraph comes from (chance {task['chance']:.0%}), "
                 f"median of {len(task['protocol']['seeds'])} fine-tuning seeds")
+    return "\n".join(rows)
+
+
+def _format_causal(summary: dict) -> str:
+    rows = [f"{'model':<10} {'params':>10} {'ppl':>8} {'next-token acc':>15} {'ms/seq':>7}"]
+    for name, r in summary["models"].items():
+        rows.append(f"{name:<10} {r['parameters']:>10,} {r['perplexity']:>8.1f} {r['next_token_accuracy']:>15.1%} "
+                    f"{r['latency_ms']:>7.2f}")
+    teacher, student = summary["models"]["teacher"], summary["models"]["student"]
+    rows.append(f"student: {summary['parameter_reduction']:.0%} fewer parameters, "
+                f"{summary['student_speedup']:.2f}x faster (batch 1, 1 CPU thread), perplexity "
+                f"{student['perplexity']:.1f} vs the teacher's {teacher['perplexity']:.1f} "
+                f"({summary['student_lm_retention']:.0%} of its next-token accuracy)")
+    rows.append(f"held-out: {summary['validation_targets']:,} next-token targets, each block its own window; "
+                f"unigram baseline {summary['unigram_baseline_accuracy']:.1%}")
     return "\n".join(rows)

@@ -18,8 +18,13 @@ from ds_distil.cli import main as cli_main
 def test_harvest_labels_every_paragraph_with_its_package(tmp_path):
     corpus, sources = tmp_path / "corpus.txt", tmp_path / "sources.txt"
     stats = demo.harvest_docstrings(corpus, sources, target_bytes=200_000)
-    texts, labels = corpus.read_text().splitlines(), sources.read_text().splitlines()
-    assert len(texts) == len(labels) == stats["paragraphs"] > 100
+    lines, label_lines = corpus.read_text().splitlines(), sources.read_text().splitlines()
+    # A blank line ends each file's paragraphs (one document each), on the same line of both.
+    assert len(lines) == len(label_lines)
+    assert [i for i, t in enumerate(lines) if not t] == [i for i, s in enumerate(label_lines) if not s]
+    assert 1 < lines.count("") <= stats["files"]
+    texts, labels = [t for t in lines if t], [s for s in label_lines if s]
+    assert len(texts) == stats["paragraphs"] > 100
     assert set(labels) <= {demo.STDLIB, *demo.DOC_PACKAGES}
     assert len(set(labels)) >= 3  # packages are interleaved: a small corpus still has several
     assert all(len(t.split()) >= 8 for t in texts)
@@ -94,3 +99,36 @@ def test_the_miniature_demo_runs_end_to_end_and_is_shown_again(tmp_path):
     again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "holds a finished demo" in again.stdout
     assert demo.format_table(summary) in again.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_the_decoder_miniature_distils_a_gpt2_and_reports_perplexity(tmp_path):
+    """``demo --family gpt2``: DistilGPT2 in miniature (byte-level BPE, blocks, causal-LM
+    distillation), perplexity, size and speed of all three models."""
+    work = tmp_path / "gpt2"
+    args = [sys.executable, "-m", "ds_distil", "demo", "--family", "gpt2", "--workdir", str(work), "--corpus-mb", "0.3",
+            "--vocab-size", "400", "--hidden", "32", "--teacher-steps", "12", "--student-steps", "6", "--batch", "16",
+            "--ranks", "1"]  # the launcher path is the BERT miniature's
+    env = child_env()
+    env.pop("OMP_NUM_THREADS")
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["family"] == "gpt2"
+    meta = json.loads((work / "data" / "meta.json").read_text())
+    assert meta["unit"] == "block" and meta["tokenizer"]["objective"] == "causal"
+    for name in ("teacher", "student", "baseline"):
+        model = summary["models"][name]
+        assert model["perplexity"] > 1 and model["latency_ms"] > 0 and 0 <= model["next_token_accuracy"] <= 1
+        config = json.loads(Path(summary["exported_models"][name], "config.json").read_text())
+        assert config["architectures"] == ["GPT2LMHeadModel"]
+    assert summary["models"]["student"]["parameters"] == summary["models"]["baseline"]["parameters"]
+    assert summary["models"]["student"]["parameters"] < summary["models"]["teacher"]["parameters"]
+    assert "downstream_task" not in summary  # finetune takes encoders; a decoder's claim is perplexity
+    assert Path(summary["tensorboard_dir"], "student", "tensorboard").is_dir()
+    assert demo.format_table(summary) in proc.stdout
+    # Its workdir is not taken for the BERT demo's.
+    clash = subprocess.run([sys.executable, "-m", "ds_distil", "demo", "--workdir", str(work)], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert clash.returncode == 2 and "holds a finished gpt2 demo" in clash.stderr
