@@ -49,4 +49,4 @@ test: install system-deps
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info demo_run
+	rm -rf $(VENV) build *.egg-info demo_run demo_run_gpt2
