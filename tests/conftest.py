@@ -16,6 +16,13 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One ninja for every process that builds DeepSpeed's JIT op (this one and all children):
+# the venv's. Ninja 1.13 (pip) and 1.11 (Debian) hash the same compile command differently,
+# so processes finding different ninjas on PATH rebuild the op back and forth, ~40 s each
+# time on two cores (tests/cluster.py's child_env already puts the venv first).
+_VENV_BIN = str(Path(os.path.abspath(sys.executable)).parent)  # not resolve(): a venv python is a symlink
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _VENV_BIN:
+    os.environ["PATH"] = os.pathsep.join([_VENV_BIN, *filter(None, os.environ.get("PATH", "").split(os.pathsep))])
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

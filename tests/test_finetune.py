@@ -182,13 +182,25 @@ def _results(out: Path) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
+def _fine_tuning_args(bert_teacher_dir, student_dir, keyword_task, out) -> list:
+    return ["--models", f"teacher={bert_teacher_dir}", f"student={student_dir}", "--task", "sst2", "--data",
+            keyword_task, "--output", out, "--lr", "3e-3", "--seeds", "1,2", "--epochs", 6, "--batch-size", 32,
+            "--deepspeed-config", CPU_DS]
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(tmp_path_factory, bert_teacher_dir, student_dir, keyword_task) -> Path:
+    """Teacher and student fine-tuned on the separable task (true labels), two seeds each:
+    the fine-tuning test's run, and the plain (label-trained) student of the distillation test."""
+    out = tmp_path_factory.mktemp("fine_tuned") / "ft"
+    assert _finetune(*_fine_tuning_args(bert_teacher_dir, student_dir, keyword_task, out)) == 0
+    return out
+
+
 @pytest.mark.slow
-def test_fine_tuning_a_tiny_model_on_a_separable_task_reaches_high_accuracy(tmp_path, bert_teacher_dir,
+def test_fine_tuning_a_tiny_model_on_a_separable_task_reaches_high_accuracy(fine_tuned, bert_teacher_dir,
                                                                             student_dir, keyword_task):
-    out = tmp_path / "ft"
-    assert _finetune("--models", f"teacher={bert_teacher_dir}", f"student={student_dir}", "--task", "sst2",
-                     "--data", keyword_task, "--output", out, "--lr", "3e-3", "--seeds", "1,2", "--epochs", 6,
-                     "--batch-size", 32, "--deepspeed-config", CPU_DS) == 0
+    out = fine_tuned
     results = _results(out)
     for name in ("teacher", "student"):
         task = results["models"][name]["tasks"]["sst2"]
@@ -203,9 +215,7 @@ def test_fine_tuning_a_tiny_model_on_a_separable_task_reaches_high_accuracy(tmp_
     # Finished runs are not redone: a second call reads them back.
     stamps = {r["seed"]: (out / "runs" / "teacher" / "sst2" / f"lr0.003-seed{r['seed']}" / "result.json").stat().st_mtime
               for r in results["runs"] if r["model"] == "teacher"}
-    assert _finetune("--models", f"teacher={bert_teacher_dir}", f"student={student_dir}", "--task", "sst2",
-                     "--data", keyword_task, "--output", out, "--lr", "3e-3", "--seeds", "1,2", "--epochs", 6,
-                     "--batch-size", 32, "--deepspeed-config", CPU_DS) == 0
+    assert _finetune(*_fine_tuning_args(bert_teacher_dir, student_dir, keyword_task, out)) == 0
     assert stamps == {s: (out / "runs" / "teacher" / "sst2" / f"lr0.003-seed{s}" / "result.json").stat().st_mtime
                       for s in stamps}
 
@@ -246,60 +256,72 @@ def _class_distributions(model_dir, rows, tokenizer_dir):
         return torch.softmax(model(**kwargs).logits.float(), -1)
 
 
-@pytest.mark.slow
-def test_task_specific_distillation_moves_the_student_toward_the_teachers_classes(tmp_path, bert_teacher_dir,
-                                                                                  student_dir, keyword_task):
-    """A teacher fine-tuned on the *flipped* labels; a student given only its soft targets
-    (alpha_task=0) on the true-label data follows the teacher, not the labels."""
-    flipped = tmp_path / "flipped"
+@pytest.fixture(scope="module")
+def flipped_task(tmp_path_factory, keyword_task) -> Path:
+    """The separable task with every label flipped (as separable: "teacher" -> 0)."""
+    flipped = tmp_path_factory.mktemp("flipped")
     for split in ("train", "dev"):
         rows = (keyword_task / "SST-2" / f"{split}.tsv").read_text().splitlines()
         body = [f"{t}\t{1 - int(y)}" for t, y in (r.split("\t") for r in rows[1:])]
         (flipped / "SST-2").mkdir(parents=True, exist_ok=True)
         (flipped / "SST-2" / f"{split}.tsv").write_text("\n".join([rows[0], *body]) + "\n")
-    common = ["--task", "sst2", "--lr", "3e-3", "--seeds", "1", "--epochs", 6, "--batch-size", 32,
-              "--deepspeed-config", CPU_DS]
-    _finetune("--models", f"teacher={bert_teacher_dir}", "--data", flipped, "--output", tmp_path / "t", *common)
-    teacher_dir = tmp_path / "t" / "models" / "teacher" / "sst2"
+    return flipped
 
-    dev = _keyword_rows(160, 2)
-    p_teacher = _class_distributions(teacher_dir, dev, teacher_dir)
-    labels = np.array([y for _, y in dev])
-    assert (p_teacher.argmax(-1).numpy() != labels).mean() > 0.9  # the teacher learned the flipped task
 
-    def student(extra, name):
-        _finetune("--models", f"student={student_dir}", "--data", keyword_task, "--output", tmp_path / name,
-                  *common, *extra)
-        p = _class_distributions(_results(tmp_path / name)["models"]["student"]["tasks"]["sst2"]["model"], dev,
-                                 teacher_dir)
-        kl = float((p_teacher * (p_teacher.log() - p.log())).sum(-1).mean())
-        return kl, float((p.argmax(-1).numpy() == labels).mean())
+@pytest.fixture(scope="module")
+def flipped_teacher_on_two_ranks(tmp_path_factory, bert_teacher_dir, flipped_task):
+    """The teacher fine-tuned on the flipped labels by 2 ranks under the deepspeed launcher:
+    the launcher test's run, and the distillation test's teacher."""
+    from ds_distil.distributed import free_port
 
-    kl_distilled, acc_distilled = student(["--teacher", teacher_dir, "--alpha-task", 0, "--alpha-ce", 1], "distil")
-    kl_plain, acc_plain = student([], "plain")
-    print(f"KL(teacher || student) on dev: distilled {kl_distilled:.3f}, fine-tuned on labels {kl_plain:.3f}; "
-          f"accuracy on the true labels: distilled {acc_distilled:.2f}, plain {acc_plain:.2f}")
-    assert acc_plain > 0.9 and acc_distilled < 0.1
-    assert kl_distilled < 0.2 * kl_plain
+    out = tmp_path_factory.mktemp("flipped_teacher") / "ft2"
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "--module", "ds_distil", "finetune", "--models",
+           f"teacher={bert_teacher_dir}", "--task", "sst2", "--data", str(flipped_task), "--output", str(out),
+           "--lr", "3e-3", "--seeds", "1", "--epochs", "6", "--batch-size", "32", "--deepspeed-config", str(CPU_DS)]
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, out
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_two_ranks_under_the_deepspeed_launcher(tmp_path, bert_teacher_dir, keyword_task):
-    from ds_distil.distributed import free_port
-
-    out = tmp_path / "ft2"
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "--module", "ds_distil", "finetune", "--models",
-           f"teacher={bert_teacher_dir}", "--task", "sst2", "--data", str(keyword_task), "--output", str(out),
-           "--lr", "3e-3", "--seeds", "1", "--epochs", "6", "--batch-size", "32", "--deepspeed-config", str(CPU_DS)]
-    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_two_ranks_under_the_deepspeed_launcher(flipped_teacher_on_two_ranks):
+    proc, out = flipped_teacher_on_two_ranks
     assert "16/micro-batch x 1 x 2 ranks" in proc.stdout
     results = _results(out)
     assert results["models"]["teacher"]["tasks"]["sst2"]["score"] >= 90
     # The dev set was split over the ranks and gathered: every example scored once.
     assert proc.stdout.count("task (metric)") == 1  # only rank 0 prints the table
+
+
+@pytest.mark.slow
+def test_task_specific_distillation_moves_the_student_toward_the_teachers_classes(tmp_path, student_dir, keyword_task,
+                                                                                  flipped_teacher_on_two_ranks,
+                                                                                  fine_tuned):
+    """A teacher fine-tuned on the *flipped* labels; a student given only its soft targets
+    (alpha_task=0) on the true-label data follows the teacher, not the labels. The plain
+    student (fine-tuned on the true labels, no teacher) is the fine-tuning test's."""
+    teacher_dir = flipped_teacher_on_two_ranks[1] / "models" / "teacher" / "sst2"
+    dev = _keyword_rows(160, 2)
+    p_teacher = _class_distributions(teacher_dir, dev, teacher_dir)
+    labels = np.array([y for _, y in dev])
+    assert (p_teacher.argmax(-1).numpy() != labels).mean() > 0.9  # the teacher learned the flipped task
+
+    def judge(model_dir):
+        p = _class_distributions(model_dir, dev, teacher_dir)
+        kl = float((p_teacher * (p_teacher.log() - p.log())).sum(-1).mean())
+        return kl, float((p.argmax(-1).numpy() == labels).mean())
+
+    _finetune("--models", f"student={student_dir}", "--data", keyword_task, "--output", tmp_path / "distil",
+              "--task", "sst2", "--lr", "3e-3", "--seeds", "1", "--epochs", 6, "--batch-size", 32,
+              "--deepspeed-config", CPU_DS, "--teacher", teacher_dir, "--alpha-task", 0, "--alpha-ce", 1)
+    kl_distilled, acc_distilled = judge(_results(tmp_path / "distil")["models"]["student"]["tasks"]["sst2"]["model"])
+    kl_plain, acc_plain = judge(fine_tuned / "models" / "student" / "sst2")
+    print(f"KL(teacher || student) on dev: distilled {kl_distilled:.3f}, fine-tuned on labels {kl_plain:.3f}; "
+          f"accuracy on the true labels: distilled {acc_distilled:.2f}, plain {acc_plain:.2f}")
+    assert acc_plain > 0.9 and acc_distilled < 0.1
+    assert kl_distilled < 0.2 * kl_plain
 
 
 # ============================================================================ bad input
