@@ -93,33 +93,45 @@ def test_distillation_loss_falls_and_every_term_is_logged(distil_config, tmp_pat
     assert EXPECTED_TAGS <= tags, EXPECTED_TAGS - tags
 
 
-def test_resume_continues_exactly(distil_config, tmp_path):
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, student_dir, bert_teacher_dir, prepared_dir) -> Path:
+    """8 steps of fp32 ZeRO-2 distillation, student dropout on, a checkpoint every 4 steps
+    (kept: global_step4, global_step8); the schedule's length (8) is fixed in the DeepSpeed
+    JSON. The resume test's reference and the export test's checkpoint. Returns its config."""
+    root = tmp_path_factory.mktemp("full_run")
+    ds = write_ds_config(root / "full_ds.json", zero_stage=2, total_steps=8, warmup_steps=2)
+    cfg = write_run_config(root / "full.json", student=student_dir, teacher=bert_teacher_dir, data=prepared_dir,
+                           ds_config=ds, output_dir=root / "full", steps=8, checkpoint_interval=4)
+    train(cfg)
+    assert sorted(losses_by_step(root / "full")) == list(range(1, 9))
+    return cfg
+
+
+def test_resume_continues_exactly(full_run, distil_config, tmp_path):
     import shutil
 
-    # The schedule's length is fixed in the DeepSpeed JSON so both runs share it. The full
-    # run checkpoints at step 4 on its way (a save must not disturb the run either).
-    full = distil_config("full", steps=8, total_steps=8, checkpoint_interval=4)
-    train(full)
-    # A run of 4 steps whose output_dir holds that step-4 checkpoint (student dropout on:
-    # the restored RNG state decides steps 5-8), continued to step 8.
-    part = distil_config("part", steps=4, total_steps=8)
+    # A run of 4 steps (same schedule) whose output_dir holds the full run's step-4
+    # checkpoint, continued to step 8: the restored optimizer, data position and RNG state
+    # (student dropout is on) must give the full run's steps 5-8 exactly.
+    full = Path(json.loads(full_run.read_text())["output_dir"])
+    part = distil_config("part", steps=4, total_steps=8, zero_stage=2)
     (tmp_path / "part" / "checkpoints").mkdir(parents=True)
     for name in ("global_step4", "student_hf"):
-        shutil.copytree(tmp_path / "full" / "checkpoints" / name, tmp_path / "part" / "checkpoints" / name)
+        shutil.copytree(full / "checkpoints" / name, tmp_path / "part" / "checkpoints" / name)
     (tmp_path / "part" / "checkpoints" / "latest").write_text("global_step4")
     resumed = train(part, "train.max_steps=8")
     assert f"resumed from {tmp_path / 'part' / 'checkpoints' / 'global_step4'} at step 4" in resumed.stdout
-    expected, got = losses_by_step(tmp_path / "full"), losses_by_step(tmp_path / "part")
-    assert sorted(expected) == list(range(1, 9)) and sorted(got) == list(range(5, 9))
+    expected, got = losses_by_step(full), losses_by_step(tmp_path / "part")
+    assert sorted(got) == list(range(5, 9))
     assert [got[s] for s in range(5, 9)] == [expected[s] for s in range(5, 9)]  # identical in fp32
 
 
-def test_export_round_trip_equals_the_engine(distil_config, tmp_path, prepared_dir):
-    cfg = distil_config("exp", steps=3, zero_stage=2)
-    train(cfg)
+def test_export_round_trip_equals_the_engine(full_run, tmp_path):
+    cfg = full_run  # ZeRO-2, latest checkpoint global_step8
     out = tmp_path / "exported"
-    subprocess.run([sys.executable, "-m", "ds_distil", "export", "--checkpoint", str(tmp_path / "exp"),
-                    "--output", str(out)], check=True, env=child_env(), capture_output=True)
+    subprocess.run([sys.executable, "-m", "ds_distil", "export", "--checkpoint",
+                    json.loads(cfg.read_text())["output_dir"], "--output", str(out)],
+                   check=True, env=child_env(), capture_output=True)
     # The engine's logits: rebuild the engine from the checkpoint in a fresh process.
     probe = tmp_path / "engine_logits.py"
     probe.write_text(ENGINE_LOGITS_SCRIPT)
@@ -150,7 +162,7 @@ from ds_distil.distributed import setup_distributed, teardown_distributed
 from ds_distil.trainer import Trainer
 cfg = load_run_config(sys.argv[1])
 trainer = Trainer(cfg, setup_distributed())
-assert trainer.resume_tag == "global_step3", trainer.resume_tag
+assert trainer.resume_tag == "global_step8", trainer.resume_tag
 ids = torch.tensor({INPUT_IDS.tolist()})
 trainer.engine.eval()
 with torch.no_grad():
