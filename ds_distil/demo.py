@@ -158,8 +158,7 @@ def run(args) -> int:
     lm = "causal LM" if causal else "MLM"
     _stage(f"3/8 pretraining the teacher ({lm} only, deepspeed, {args.ranks} ranks)")
     _train(env, args.ranks, _run_config(work, "teacher", student=teacher_init, teacher=None, data=data_dir, ds=ds_json,
-                                        steps=args.teacher_steps, lr=args.teacher_lr,
-                                        causal=causal))
+                                        steps=args.teacher_steps, lr=args.teacher_lr, causal=causal))
     teacher_dir = work / "teacher"
     _cli(env, "export", "--checkpoint", work / "runs" / "teacher", "--output", teacher_dir, "--force")
 
