@@ -570,6 +570,14 @@ class SplitSelector:
         return (np.asarray(status) == KEPT) & (held_out if self.validation else ~held_out)
 
 
+def held_out_lines(lines: list[str], fraction: float, seed: int) -> np.ndarray:
+    """Whether ``prepare --unit line --validation-fraction FRACTION --seed SEED`` puts each of
+    ``lines`` in the validation split: the rule of :class:`SplitSelector`, for text that
+    comes from outside the prepared data (a downstream task evaluated on held-out text)."""
+    keys = np.fromiter((line_hash(line) for line in lines), dtype=np.uint64, count=len(lines))
+    return uniform_hash(keys, seed) < fraction
+
+
 def uniform_hash(values: np.ndarray, seed: int) -> np.ndarray:
     """Uniform floats in [0, 1) from integers and a seed (splitmix64, vectorised)."""
     mask = 2**64 - 1

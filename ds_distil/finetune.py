@@ -106,7 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the first is the reference for the retention column")
     parser.add_argument("--task", required=True,
                         help="GLUE task(s): cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli (comma-separated) or "
-                             "glue for all nine; any other name is a custom task (give --text-columns)")
+                             "glue for all nine; any other name is a custom task (give --text-columns); several "
+                             "custom tasks, comma-separated, share the columns and read DATA/NAME/ each")
     parser.add_argument("--data", required=True,
                         help="the task's data directory (GLUE TSVs, the hub's parquet files, CSV/TSV/JSONL named by "
                              "split, or a save_to_disk DatasetDict), or the GLUE root holding one folder per task")
@@ -166,9 +167,18 @@ def config_from_args(args) -> FinetuneConfig:
     for name, path in models.items():
         problems += _encoder_problems(f"--models {name}={path}", Path(path))
     if args.text_columns:
-        spec = tasks.custom_task(args.task, tuple(c.strip() for c in args.text_columns.split(",")),
-                                 args.label_column, args.task_type)
-        task_list = [spec]
+        # Several custom tasks share the columns and read one folder each: DATA/NAME/train.jsonl ...
+        names = [n.strip() for n in args.task.split(",") if n.strip()]
+        columns = tuple(c.strip() for c in args.text_columns.split(","))
+        task_list = [tasks.custom_task(name, columns, args.label_column, args.task_type) for name in names]
+        if len(set(names)) != len(names) or not names:
+            problems.append(f"--task {args.task!r}: give each custom task once, comma-separated")
+        elif len(names) > 1:
+            missing = [n for n in names if not (Path(args.data) / n).is_dir()]
+            if missing:
+                problems.append(f"--data {args.data}: several custom tasks read one folder each "
+                                f"({Path(args.data) / names[0]}/train.jsonl, ...); no folder for "
+                                f"{', '.join(missing)}")
     else:
         task_list = tasks.resolve_tasks(args.task)
     lrs = _floats(args.lr, "--lr")

@@ -491,3 +491,20 @@ def test_eval_loader_covers_validation_once_with_fixed_masks(prepared):
     assert all(batches_equal(a, b) for a, b in zip(first, second, strict=True))
     # Fewer samples than ranks: the extra rank gets an empty batch rather than a missing one.
     assert [len(b) for r in range(3) for b in data.eval_batches(2, 4, 3, r)] == [1, 1, 0]
+
+
+def test_held_out_lines_are_exactly_the_lines_of_the_validation_split(corpus_file, prepared_dir, bert_teacher_dir):
+    """A downstream task evaluated on text no model saw in pretraining (the demo's word-order
+    task) picks its lines with ``held_out_lines``: it must agree with ``prepare``'s split."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    lines = [line for line in corpus_file.read_text().splitlines() if line.strip()]
+    held = data.held_out_lines(lines, fraction=0.05, seed=0)  # the fixture's fraction and seed
+    assert 0 < held.sum() < len(lines)
+    tokenizer = AutoTokenizer.from_pretrained(str(bert_teacher_dir))
+    loaded = datasets.load_from_disk(str(prepared_dir))
+    for split, picked in (("validation", held), ("train", ~held)):
+        chosen = [line for line, keep in zip(lines, picked) if keep]
+        assert sorted(rows(loaded[split])) == sorted(expected_rows(tokenizer, chosen, max_len=64)), split
+    assert not data.held_out_lines(lines, fraction=0.0, seed=0).any()

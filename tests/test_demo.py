@@ -70,13 +70,41 @@ def test_a_damaged_summary_is_reported_and_not_trusted(tmp_path, capsys):
     assert demo._read_summary(path) is None
 
 
+def test_word_order_task_is_balanced_shuffles_only_word_order_and_evaluates_on_held_out_text(tmp_path):
+    from ds_distil.data import held_out_lines
+
+    corpus = tmp_path / "corpus.txt"
+    paragraphs = [f"paragraph {i} says that the model reads its words in order {i % 7}" for i in range(3000)]
+    corpus.write_text("\n".join(paragraphs[:1500] + [""] + paragraphs[1500:]) + "\n")  # a blank line ends a file
+    task = demo.build_word_order_task(corpus, tmp_path / "task", train=200, dev=50)
+    assert task["classes"] == ["original", "shuffled"] and task["chance"] == 0.5
+    splits = {name: [json.loads(line) for line in (tmp_path / "task" / f"{name}.jsonl").read_text().splitlines()]
+              for name in ("train", "dev")}
+    held = dict(zip(paragraphs, held_out_lines(paragraphs, demo.VALIDATION_FRACTION, demo.SPLIT_SEED)))
+    by_words = {tuple(sorted(p.split())): p for p in paragraphs}  # the numbers make each bag of words unique
+    for name, rows in splits.items():
+        assert len(rows) == {"train": 200, "dev": 50}[name] == task[name]
+        assert sum(r["label"] == "shuffled" for r in rows) == len(rows) // 2
+        for row in rows:
+            source = by_words[tuple(sorted(row["text"].split()))]  # the same words as a corpus paragraph
+            assert (row["text"] == source) == (row["label"] == "original")
+            assert held[source] == (name == "dev")  # dev: held out of pretraining; train: not
+    # Fewer held-out paragraphs than asked: all of them, if there are enough to measure.
+    assert demo.build_word_order_task(corpus, tmp_path / "t2", train=10, dev=200)["dev"] == sum(held.values())
+    with pytest.raises(demo.UserError, match="raise --corpus-mb"):
+        demo.build_word_order_task(corpus, tmp_path / "t3", train=10, dev=10_000)
+    with pytest.raises(demo.UserError, match="--tasks 'wordorder,nope'"):
+        demo._downstream_tasks("wordorder,nope")
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_the_miniature_demo_runs_end_to_end_and_is_shown_again(tmp_path):
     work = tmp_path / "demo"
     args = [sys.executable, "-m", "ds_distil", "demo", "--workdir", str(work), "--corpus-mb", "0.6",
             "--vocab-size", "512", "--hidden", "32", "--teacher-steps", "20", "--student-steps", "10",
-            "--batch", "16", "--task-classes", "3", "--task-train", "40", "--task-dev", "15",
+            "--batch", "16", "--tasks", "wordorder,docsource", "--task-classes", "3", "--task-train", "120",
+            "--task-dev", "45",
             "--finetune-seeds", "1,2", "--finetune-epochs", "1"]
     env = child_env()
     env.pop("OMP_NUM_THREADS")
@@ -88,9 +116,16 @@ def test_the_miniature_demo_runs_end_to_end_and_is_shown_again(tmp_path):
         for key in ("parameters", "mlm_accuracy", "perplexity", "mlm_accuracy_smoothed", "downstream_accuracy",
                     "latency_ms"):
             assert model[key] > 0 or key == "mlm_accuracy", (name, key, model)
-        assert len(model["downstream_seed_scores"]) == 2
+        # Two tasks in one finetune run, each fine-tuned for every model; the macro score is their mean.
+        assert set(model["downstream"]) == {"wordorder", "docsource"}
+        assert all(len(t["seed_scores"]) == 2 for t in model["downstream"].values())
+        assert model["downstream_accuracy"] == pytest.approx(
+            sum(t["accuracy"] for t in model["downstream"].values()) / 2)
         assert Path(summary["exported_models"][name], "config.json").is_file()
-        assert Path(summary["finetuned_models"][name], "config.json").is_file()
+        for task in ("wordorder", "docsource"):
+            assert Path(summary["finetuned_models"][name][task], "config.json").is_file()
+    assert summary["downstream_tasks"]["docsource"]["train"] == 120 and \
+        summary["downstream_tasks"]["wordorder"]["dev"] <= 45
     assert summary["models"]["student"]["parameters"] == summary["models"]["baseline"]["parameters"]
     assert summary["models"]["student"]["parameters"] < summary["models"]["teacher"]["parameters"]
     assert Path(summary["tensorboard_dir"], "student", "tensorboard").is_dir()
@@ -125,7 +160,7 @@ def test_the_decoder_miniature_distils_a_gpt2_and_reports_perplexity(tmp_path):
         assert config["architectures"] == ["GPT2LMHeadModel"]
     assert summary["models"]["student"]["parameters"] == summary["models"]["baseline"]["parameters"]
     assert summary["models"]["student"]["parameters"] < summary["models"]["teacher"]["parameters"]
-    assert "downstream_task" not in summary  # finetune takes encoders; a decoder's claim is perplexity
+    assert "downstream_tasks" not in summary  # finetune takes encoders; a decoder's claim is perplexity
     assert Path(summary["tensorboard_dir"], "student", "tensorboard").is_dir()
     assert demo.format_table(summary) in proc.stdout
     # Its workdir is not taken for the BERT demo's.

@@ -363,6 +363,11 @@ def test_bad_inputs_get_one_clear_line(tmp_path, capsys, bert_teacher_dir, keywo
     err = _error_of(capsys, *base, "--task", "mine", "--text-columns", "text", "--task-type", "regression",
                     "--data", tmp_path / "reg")
     assert "'high'" in err and "not a number" in err
+    # Several custom tasks read one folder each, and each is named once.
+    err = _error_of(capsys, *base, "--task", "mine,reg", "--text-columns", "text", "--data", tmp_path)
+    assert "no folder for mine" in err and "reg" not in err.split("no folder for")[1]
+    assert "each custom task once" in _error_of(capsys, *base, "--task", "reg,reg", "--text-columns", "text",
+                                                "--data", tmp_path)
     # Not a supported encoder.
     (tmp_path / "gpt").mkdir()
     (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
