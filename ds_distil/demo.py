@@ -85,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "near 1 point)")
     parser.add_argument("--finetune-seeds", default="1,2,3", help="seeds of the downstream runs (median reported)")
     parser.add_argument("--finetune-lr", default="1e-3", help="learning rate(s) of the downstream runs")
-    parser.add_argument("--finetune-epochs", type=float, default=4.0)
+    parser.add_argument("--finetune-epochs", type=float, default=3.0,
+                        help="epochs of each downstream run (3, as the fine-tuning scripts of BERT and DistilBERT)")
     parser.add_argument("--force", action="store_true", help="start over in a workdir that holds a finished demo")
 
 

@@ -28,8 +28,12 @@ def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, output_dir:
     raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIALS, show_progress=False)
     raw.train_from_iterator(_as_iterator(texts), trainer=trainer)
-    tokenizer = BertTokenizer(vocab=raw.get_vocab(), do_lower_case=lowercase,
-                              model_max_length=model_max_length)
+    # The trainer gathers the alphabet in a hash set, whose order changes from run to run
+    # (the learned token set does not): number the tokens in a fixed order instead, so that
+    # the same corpus gives the same ids, and a seeded run on it the same numbers.
+    learned = [token for token in raw.get_vocab() if token not in BERT_SPECIALS]
+    vocab = {token: i for i, token in enumerate([*BERT_SPECIALS, *sorted(learned)])}
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=lowercase, model_max_length=model_max_length)
     tokenizer.save_pretrained(str(output_dir))
     return tokenizer
 

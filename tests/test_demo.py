@@ -167,3 +167,19 @@ def test_the_decoder_miniature_distils_a_gpt2_and_reports_perplexity(tmp_path):
     clash = subprocess.run([sys.executable, "-m", "ds_distil", "demo", "--workdir", str(work)], env=env,
                            capture_output=True, text=True, timeout=120)
     assert clash.returncode == 2 and "holds a finished gpt2 demo" in clash.stderr
+
+
+def test_the_wordpiece_vocabulary_is_numbered_by_the_tokens_not_by_hash_order(tmp_path):
+    """The tokenizers trainer hands its alphabet over in hash-set order, different on every
+    run; the demo's seeded runs reproduce only if the same tokens get the same ids. (On a
+    small corpus the trainer may also break ties in its merges differently: that changes the
+    token set itself, which numbering cannot mend. On the demo's 16 MB two runs learnt the
+    same 2,048 tokens.)"""
+    from conftest import make_corpus_lines
+    from ds_distil.scratch import BERT_SPECIALS, train_wordpiece_tokenizer
+
+    lines = make_corpus_lines(400, seed=3) + ["Zebra quixotic jukebox wavers, vexing fjords."]
+    vocab = train_wordpiece_tokenizer(lines, 300, tmp_path / "tok").get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    assert tokens[:5] == BERT_SPECIALS and tokens[5:] == sorted(tokens[5:])
+    assert sorted(vocab.values()) == list(range(len(vocab)))
