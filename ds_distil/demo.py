@@ -15,11 +15,11 @@ Nothing is downloaded and no corpus ships with the repository:
    perplexity with the standard uniform 15% masks (80/10/10), the same masks for every
    model; batch-1 CPU latency, models interleaved, median of repeats;
 7. downstream, as the paper measures "97%": ``ds-distil finetune`` fine-tunes each model
-   on tasks built from the same text, with the same budget and seeds; held-out accuracy,
-   median of seeds. ``wordorder`` (the default: is a paragraph in its own word order or are
-   its words shuffled? evaluated on paragraphs no model saw in pretraining) needs syntax,
-   as GLUE's CoLA; ``docsource`` (which package a paragraph comes from) is answered from
-   vocabulary, as SST-2 is largely;
+   on two tasks built from the same text, with the same budget and seeds; held-out
+   accuracy, median of seeds, and their mean (the macro score). ``wordorder`` (is a
+   paragraph in its own word order or are its words shuffled? evaluated on paragraphs no
+   model saw in pretraining) needs syntax, as GLUE's CoLA; ``docsource`` (which package a
+   paragraph comes from) is answered largely from vocabulary, as SST-2;
 8. write ``summary.json`` and the table.
 """
 

@@ -28,9 +28,10 @@ def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int, output_dir:
     raw.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIALS, show_progress=False)
     raw.train_from_iterator(_as_iterator(texts), trainer=trainer)
-    # The trainer gathers the alphabet in a hash set, whose order changes from run to run
-    # (the learned token set does not): number the tokens in a fixed order instead, so that
-    # the same corpus gives the same ids, and a seeded run on it the same numbers.
+    # The trainer gathers the alphabet in a hash set, whose order changes from run to run:
+    # number the tokens in a fixed order instead, so that the same tokens get the same ids
+    # and a seeded run the same numbers. (The token set can still differ where merges tie, on
+    # a tiny corpus; two runs on the demo's 16 MB learnt the same 2,048 tokens.)
     learned = [token for token in raw.get_vocab() if token not in BERT_SPECIALS]
     vocab = {token: i for i, token in enumerate([*BERT_SPECIALS, *sorted(learned)])}
     tokenizer = BertTokenizer(vocab=vocab, do_lower_case=lowercase, model_max_length=model_max_length)
