@@ -439,7 +439,7 @@ class Tokenise:
                 continue
             key = text_hash(text or "")
             rows.add([], len(content), PACKED, key, 0, len(kept))
-            held_out = bool(uniform_hash(np.asarray([key], dtype=np.uint64), seed)[0] < fraction)
+            held_out = bool(held_out_keys(np.asarray([key], dtype=np.uint64), fraction, seed)[0])
             tokens, keys = streams[held_out]
             tokens.extend(content + [self.separator])
             keys.append(key)
@@ -566,7 +566,7 @@ class SplitSelector:
         self.seed = seed
 
     def __call__(self, status: np.ndarray, key: np.ndarray) -> np.ndarray:
-        held_out = uniform_hash(np.asarray(key), self.seed) < self.fraction
+        held_out = held_out_keys(np.asarray(key), self.fraction, self.seed)
         return (np.asarray(status) == KEPT) & (held_out if self.validation else ~held_out)
 
 
@@ -575,6 +575,12 @@ def held_out_lines(lines: list[str], fraction: float, seed: int) -> np.ndarray:
     ``lines`` in the validation split: the rule of :class:`SplitSelector`, for text that
     comes from outside the prepared data (a downstream task evaluated on held-out text)."""
     keys = np.fromiter((line_hash(line) for line in lines), dtype=np.uint64, count=len(lines))
+    return held_out_keys(keys, fraction, seed)
+
+
+def held_out_keys(keys: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """The split rule, in one place: a line or document goes to validation when a seeded
+    uniform hash of its key falls below the fraction."""
     return uniform_hash(keys, seed) < fraction
 
 
